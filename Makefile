@@ -1,0 +1,66 @@
+# daert-stack: every command a developer or CI needs. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# Go-built tools are cached per version outside the clone (a fresh clone reuses them) and
+# linked into the project-local .tools/bin.
+TOOLS_CACHE ?= $(HOME)/.cache/daert/tools
+TOOLS := .tools/bin
+BUF_VERSION := v1.60.0
+GRPCURL_VERSION := v1.9.4
+
+export PATH := $(CURDIR)/$(TOOLS):$(PATH)
+export HF_HUB_OFFLINE := 1
+
+.PHONY: help setup up test lint proto bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed $(TOOLS)/buf $(TOOLS)/grpcurl ## venv, Python deps and Go tools (idempotent)
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@echo "installing Python dependencies (torch is large the first time; pip caches it)"
+	$(PY) -m pip install --quiet --progress-bar off -e '.[models,dev]'
+	@touch $@
+
+# go install <module>@<version> into a per-version cache folder, then link it here.
+define go_tool
+$(TOOLS)/$(1):
+	@mkdir -p $(TOOLS) $(TOOLS_CACHE)/$(1)-$(3)
+	@test -x $(TOOLS_CACHE)/$(1)-$(3)/$(1) || { echo "building $(1) $(3) with go install"; \
+	  GOBIN=$(TOOLS_CACHE)/$(1)-$(3) go install $(2)@$(3); }
+	@ln -sfn $(TOOLS_CACHE)/$(1)-$(3)/$(1) $$@
+endef
+$(eval $(call go_tool,buf,github.com/bufbuild/buf/cmd/buf,$(BUF_VERSION)))
+$(eval $(call go_tool,grpcurl,github.com/fullstorydev/grpcurl/cmd/grpcurl,$(GRPCURL_VERSION)))
+
+up: setup ## run the whole stack locally (Ctrl-C stops it)
+	$(VENV)/bin/daert up
+
+test: setup ## run the test suite against real servers
+	@# pytest exits 5 when it collected nothing: a failure, not a pass.
+	$(VENV)/bin/pytest $(PYTEST_ARGS); status=$$?; \
+	  if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; \
+	  exit $$status
+
+lint: setup ## buf lint, ruff, mypy
+	cd proto && ../$(TOOLS)/buf lint
+	$(VENV)/bin/ruff check services proto tests bench
+	$(VENV)/bin/ruff format --check services proto tests bench
+	$(VENV)/bin/mypy
+
+proto: setup ## regenerate the Python stubs from proto/
+	rm -f services/daert/v1/*_pb2*.py services/daert/v1/*_pb2*.pyi
+	$(PY) proto/generate.py services
+
+bench: setup ## print benchmark figures (see bench/)
+	$(PY) bench/embedding_bench.py
+
+clean: ## remove the venv and tool links (caches outside the clone stay)
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,3 @@
+from daert.cli import main
+
+raise SystemExit(main())

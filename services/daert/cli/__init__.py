@@ -1,0 +1,29 @@
+"""The `daert` command: `serve` one service, or bring the whole local stack `up`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from daert.runtime.registry import SERVICES
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="daert", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run one service's gRPC server")
+    serve.add_argument("service", choices=sorted(SERVICES))
+
+    up = commands.add_parser("up", help="run every service locally until Ctrl-C")
+    up.add_argument("--only", nargs="+", choices=sorted(SERVICES), help="run just these services")
+    up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for health")
+
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from daert.runtime.server import serve as serve_service
+
+        return serve_service(args.service)
+    from daert.cli.up import run_stack
+
+    return run_stack(args.only or sorted(SERVICES), args.ready_timeout)

@@ -1,0 +1,148 @@
+"""`daert up` / `make up`: every service as its own local process, supervised.
+
+Starts each service with its embedded defaults, waits until grpc.health.v1 says SERVING,
+prints the endpoints and a first call to try, and on Ctrl-C or SIGTERM drains them all.
+If one service dies, the others are stopped too: a half-running stack only confuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from daert.runtime.registry import load_spec
+from daert.runtime.service import ServiceSpec
+from daert.runtime.settings import ConfigError, ServerSettings, load_settings
+
+
+@dataclass
+class _Running:
+    spec: ServiceSpec[ServerSettings]
+    settings: ServerSettings
+    process: asyncio.subprocess.Process
+
+    @property
+    def target(self) -> str:
+        return f"localhost:{self.settings.port}"
+
+
+def _say(message: str) -> None:
+    print(f"[daert up] {message}", file=sys.stderr, flush=True)
+
+
+async def _wait_serving(service: _Running, timeout_s: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with grpc.aio.insecure_channel(service.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if service.process.returncode is not None:
+                raise RuntimeError(
+                    f"{service.spec.name} exited with code {service.process.returncode}"
+                )
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            if loop.time() > deadline:
+                raise TimeoutError(f"{service.spec.name} not SERVING after {timeout_s:.0f}s")
+            await asyncio.sleep(0.5)
+
+
+def _banner(services: list[_Running]) -> str:
+    lines = ["", "daert stack is up:", ""]
+    for s in services:
+        metrics = (
+            f"http://localhost:{s.settings.metrics_port}/metrics"
+            if s.settings.metrics_port > 0
+            else "off"
+        )
+        lines.append(f"  {s.spec.name:<12} grpc {s.target:<18} metrics {metrics}")
+    lines += ["", "Try:"]
+    for s in services:
+        if s.spec.example_method:
+            lines.append(
+                f"  grpcurl -plaintext -d '{s.spec.example_request}' {s.target} "
+                f"{s.spec.example_method}"
+            )
+    lines += ["", "Ctrl-C stops everything.", ""]
+    return "\n".join(lines)
+
+
+async def _unless_stopped(stop: asyncio.Event, work: Awaitable[object]) -> bool:
+    """Await `work` unless Ctrl-C/SIGTERM comes first; True when `work` finished."""
+    work_task = asyncio.ensure_future(work)
+    stop_task = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({work_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (work_task, stop_task):
+        task.cancel()
+    if work_task in done:
+        work_task.result()  # re-raise a failed start-up
+        return True
+    return False
+
+
+async def _first_exit(services: list[_Running]) -> None:
+    exits = {asyncio.ensure_future(s.process.wait()) for s in services}
+    await asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED)
+    for task in exits:
+        task.cancel()
+
+
+async def _stop_all(services: list[_Running], grace_s: float) -> None:
+    for s in services:
+        if s.process.returncode is None:
+            s.process.terminate()
+    for s in services:
+        try:
+            await asyncio.wait_for(s.process.wait(), grace_s)
+        except TimeoutError:
+            _say(f"{s.spec.name} did not stop within {grace_s:.0f}s; killing it")
+            s.process.kill()
+            await s.process.wait()
+
+
+async def _run(names: list[str], ready_timeout_s: float) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    services: list[_Running] = []
+    try:
+        for name in names:
+            spec = load_spec(name)
+            settings = load_settings(spec.settings)
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "daert", "serve", name
+            )
+            services.append(_Running(spec, settings, process))
+            _say(f"started {name} (pid {process.pid}); waiting for it to be SERVING")
+        all_serving = asyncio.gather(*(_wait_serving(s, ready_timeout_s) for s in services))
+        if not await _unless_stopped(stop, all_serving):
+            return 0
+        print(_banner(services), flush=True)
+        if not await _unless_stopped(stop, _first_exit(services)):
+            return 0
+        dead = [s.spec.name for s in services if s.process.returncode is not None]
+        _say(f"{', '.join(dead)} exited; stopping the rest")
+        return 1
+    except (ConfigError, RuntimeError, TimeoutError) as exc:
+        _say(f"error: {exc}")
+        return 1
+    finally:
+        _say("stopping")
+        grace = max((s.settings.grace_period_s for s in services), default=10.0) + 5
+        await _stop_all(services, grace)
+        _say("stopped")
+
+
+def run_stack(names: list[str], ready_timeout_s: float) -> int:
+    return asyncio.run(_run(names, ready_timeout_s))

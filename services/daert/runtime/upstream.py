@@ -1,0 +1,96 @@
+"""Calling HTTP model servers (TEI, Ollama, TGI, OpenAI-compatible): one client factory and
+one mapping from upstream failures to gRPC statuses, shared by every backend.
+
+| upstream                               | gRPC status          |
+|----------------------------------------|----------------------|
+| 400, 413, 422                          | INVALID_ARGUMENT     |
+| 404                                    | NOT_FOUND            |
+| 401, 403                               | FAILED_PRECONDITION  |
+| 429, 503                               | RESOURCE_EXHAUSTED   |
+| other 4xx/5xx, refused, reset, timeout | UNAVAILABLE          |
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from daert.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
+from daert.runtime.rpc_context import REQUEST_ID_HEADER, current_request_id
+
+
+async def _add_request_id(request: httpx.Request) -> None:
+    request_id = current_request_id()
+    if request_id and REQUEST_ID_HEADER not in request.headers:
+        request.headers[REQUEST_ID_HEADER] = request_id
+
+
+def http_client(
+    base_url: str, timeout_s: float, connect_timeout_s: float = 2.0
+) -> httpx.AsyncClient:
+    """An async client for one upstream: short connect timeout, so a dead backend fails fast,
+    and the caller's request id on every request."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+        event_hooks={"request": [_add_request_id]},
+    )
+
+
+def upstream_message(response: httpx.Response) -> str:
+    """The error text an upstream put in its body: {"error": "..."} (TEI, TGI, Ollama) or
+    {"error": {"message": "..."}} (OpenAI-compatible servers), else the raw text."""
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return response.text[:500]
+    if isinstance(body, dict):
+        error = body.get("error", body.get("message", body))
+        if isinstance(error, dict):
+            error = error.get("message", error)
+        return str(error)[:500]
+    return str(body)[:500]
+
+
+def error_for_status(response: httpx.Response, backend: str, invalid_field: str) -> ServiceError:
+    """The ServiceError for a failed upstream response; `invalid_field` is the request field
+    blamed when the upstream rejects the input (400/413/422)."""
+    status = response.status_code
+    message = f"{backend} answered {status}: {upstream_message(response)}"
+    if status in (400, 413, 422):
+        return InvalidArgument(invalid_field, message)
+    if status == 404:
+        return NotFound(message)
+    if status in (401, 403):
+        return FailedPrecondition(message)
+    if status in (429, 503):
+        return ResourceExhausted(message)
+    return Unavailable(message)
+
+
+def raise_for_status(response: httpx.Response, backend: str, invalid_field: str) -> None:
+    if response.is_error:
+        raise error_for_status(response, backend, invalid_field)
+
+
+@contextmanager
+def transport_errors(backend: str, url: str) -> Iterator[None]:
+    """Map connection-level failures (refused, reset, DNS, timeouts) to UNAVAILABLE."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise Unavailable(f"{backend} at {url} timed out ({type(exc).__name__})") from exc
+    except httpx.TransportError as exc:
+        raise Unavailable(
+            f"{backend} at {url} is unreachable: {exc or type(exc).__name__}"
+        ) from exc
