@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from daert.runtime.registry import DEFAULT_PORTS, default_metrics_port
@@ -35,6 +35,13 @@ class ModelConfig(BaseModel):
         None, gt=0, description="Override of the model's input limit (tokens)."
     )
     device: str = Field("cpu", description="sentence-transformers: torch device.")
+    encode_batch_size: int = Field(
+        16,
+        gt=0,
+        description="sentence-transformers: texts per forward pass. A coalesced batch is "
+        "sorted by length and run in passes of this size, so short texts are not padded "
+        "to the longest one in the batch.",
+    )
     timeout_s: float = Field(30.0, gt=0, description="tei / ollama: per-request HTTP timeout.")
 
     @model_validator(mode="after")
@@ -58,7 +65,7 @@ class EmbeddingSettings(ServerSettings):
     )
     max_batch_size: int = Field(32, gt=0, description="Most texts in one model batch.")
     max_batch_wait_ms: float = Field(
-        2.0, ge=0, description="How long a batch may wait to fill before it runs."
+        5.0, ge=0, description="How long a batch may wait to fill before it runs."
     )
     max_queued_inputs: int = Field(
         4096, gt=0, description="Texts waiting for the model before RESOURCE_EXHAUSTED."
@@ -68,10 +75,11 @@ class EmbeddingSettings(ServerSettings):
         1_000_000, gt=0, description="Most characters across all texts of one Embed call."
     )
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> EmbeddingSettings:
-        names = [m.name for m in self.models]
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        names = [m.name for m in models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
-        return self
+        return models

@@ -26,6 +26,7 @@ class ServedModel:
             max_wait_s=settings.max_batch_wait_ms / 1000,
             max_queued=settings.max_queued_inputs,
         )
+        self.ready = False  # as of the last readiness check
 
     async def _run_batch(self, truncate: bool, texts: list[str]) -> list[Row]:
         encoded = await self.backend.embed(texts, truncate)
@@ -35,6 +36,10 @@ class ServedModel:
     async def start(self) -> None:
         self.batcher.start()
         await self.backend.start()
+
+    async def check_ready(self) -> bool:
+        self.ready = await self.backend.ready()
+        return self.ready
 
     async def close(self) -> None:
         await self.batcher.close()

@@ -41,8 +41,9 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         await asyncio.gather(*(model.start() for model in self._models.values()))
 
     async def ready(self) -> bool:
-        """Ready when the default model answers; other models report via ListModels."""
-        return await self._models[self._default].backend.ready()
+        """Ready when the default model answers; every model's state shows in ListModels."""
+        await asyncio.gather(*(model.check_ready() for model in self._models.values()))
+        return self._models[self._default].ready
 
     async def close(self) -> None:
         await asyncio.gather(*(model.close() for model in self._models.values()))
@@ -106,7 +107,7 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                     max_input_tokens=info.max_input_tokens if info else 0,
                     backend=model.backend.kind,
                     is_default=name == self._default,
-                    ready=info is not None,
+                    ready=model.ready,
                 )
             )
         return embedding_pb2.EmbeddingServiceListModelsResponse(models=models)

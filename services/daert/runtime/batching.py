@@ -6,21 +6,24 @@ modes, never share a batch), waiting at most `max_wait_s` for a batch to fill. W
 runs, new items queue up, so under load batches grow by themselves without adding latency to
 a lone caller. Items whose caller went away (cancelled, deadline passed) are dropped before
 they reach the model, and a batch whose callers all went away is cancelled mid-flight, which
-closes its upstream HTTP request.
+closes its upstream HTTP request. A batch's upstream call carries the request ids of all its
+RPCs (comma-separated in x-request-id).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from daert.runtime.errors import ResourceExhausted, Unavailable
 from daert.runtime.metrics import BATCH_QUEUE_DEPTH, BATCH_SIZE
+from daert.runtime.rpc_context import current_request_id, request_id_var
 
 log = logging.getLogger("daert.batching")
 
@@ -33,6 +36,7 @@ R = TypeVar("R")
 class _Pending(Generic[K, T, R]):
     key: K
     item: T
+    request_id: str | None = field(default_factory=current_request_id)
     future: asyncio.Future[R] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -42,7 +46,7 @@ class MicroBatcher(Generic[K, T, R]):
     def __init__(
         self,
         name: str,
-        run_batch: Callable[[K, list[T]], Awaitable[Sequence[R]]],
+        run_batch: Callable[[K, list[T]], Coroutine[Any, Any, Sequence[R]]],
         *,
         max_batch_size: int,
         max_wait_s: float,
@@ -127,21 +131,32 @@ class MicroBatcher(Generic[K, T, R]):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
 
     async def _work(self) -> None:
+        # Waiting for a batch to fill only pays when there is company: a lone caller would
+        # wait for nobody. "Loaded": the last batch was shared, or others were already
+        # queued when it ended.
+        loaded = False
         while True:
             if not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            if self._max_wait_s > 0:
+            if loaded and self._max_wait_s > 0:
                 await self._fill()
             batch = self._take_batch()
             self._depth.set(len(self._queue))
             if batch:
                 await self._run(batch)
+                loaded = len(batch) > 1 or any(not p.future.done() for p in self._queue)
 
     async def _run(self, batch: list[_Pending[K, T, R]]) -> None:
         self._sizes.observe(len(batch))
-        run = asyncio.ensure_future(self._run_batch(batch[0].key, [p.item for p in batch]))
+        # The batch's upstream call and logs carry the request ids of every RPC in it.
+        context = contextvars.copy_context()
+        request_ids = dict.fromkeys(p.request_id for p in batch if p.request_id)
+        context.run(request_id_var.set, ",".join(request_ids) or None)
+        run = asyncio.create_task(
+            self._run_batch(batch[0].key, [p.item for p in batch]), context=context
+        )
 
         def abandon_if_nobody_waits(_: asyncio.Future[R]) -> None:
             if all(p.future.cancelled() for p in batch):

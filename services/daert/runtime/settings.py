@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Literal, TypeVar
 
 from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings
+from pydantic_settings import BaseSettings, SettingsError
 
 MIB = 1024 * 1024
 
@@ -40,13 +41,18 @@ class ConfigError(Exception):
 
 def load_settings(settings_cls: type[SettingsT]) -> SettingsT:
     """Build settings from the environment or raise ConfigError naming every bad variable."""
+    prefix = str(settings_cls.model_config.get("env_prefix", ""))
     try:
         return settings_cls()
+    except SettingsError as exc:  # a complex value (list, object) that is not JSON
+        field = re.search(r'field "(\w+)"', str(exc))
+        where = prefix + field.group(1).upper() if field else prefix + "*"
+        raise ConfigError(f"invalid configuration:\n  {where}: not valid JSON") from None
     except ValidationError as exc:
-        prefix = str(settings_cls.model_config.get("env_prefix", ""))
         problems = []
         for error in exc.errors():
-            name, *path = (str(part) for part in error["loc"])
+            name, *path = [str(part) for part in error["loc"]] or [""]
+            # A settings-wide check has no field: then the prefix alone is named.
             where = prefix + name.upper() + "".join(f"[{p}]" for p in path)
             got = error.get("input")
             shown = "" if isinstance(got, dict | list) else f" (got {got!r})"

@@ -69,7 +69,10 @@ class SentenceTransformersBackend:
         limit = self._model.max_seq_length
         tokens = [min(n, limit) for n in self._token_counts(texts)]
         vectors = self._model.encode(
-            texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False
+            texts,
+            batch_size=self._config.encode_batch_size,
+            convert_to_numpy=True,
+            show_progress_bar=False,
         )
         return Encoded(vectors=np.asarray(vectors, dtype=np.float32), tokens=tokens)
 

