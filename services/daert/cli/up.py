@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from daert.runtime.registry import load_spec
 from daert.runtime.service import ServiceSpec
 from daert.runtime.settings import ConfigError, ServerSettings, load_settings
+
+# Where `make setup` links the grpcurl it builds.
+LOCAL_GRPCURL = Path(".tools/bin/grpcurl")
 
 
 @dataclass
@@ -65,11 +69,12 @@ def _banner(services: list[_Running]) -> str:
             else "off"
         )
         lines.append(f"  {s.spec.name:<12} grpc {s.target:<18} metrics {metrics}")
+    grpcurl = str(LOCAL_GRPCURL) if LOCAL_GRPCURL.exists() else "grpcurl"
     lines += ["", "Try:"]
     for s in services:
         if s.spec.example_method:
             lines.append(
-                f"  grpcurl -plaintext -d '{s.spec.example_request}' {s.target} "
+                f"  {grpcurl} -plaintext -d '{s.spec.example_request}' {s.target} "
                 f"{s.spec.example_method}"
             )
     lines += ["", "Ctrl-C stops everything.", ""]
