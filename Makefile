@@ -12,15 +12,36 @@ TOOLS := .tools/bin
 BUF_VERSION := v1.60.0
 GRPCURL_VERSION := v1.9.4
 
+# The packages sandboxed code may import, installed outside the clone, one folder per version
+# of the list. As root, sandboxes run as uids of their own, which cannot read root's home.
+SANDBOX_PACKAGES_LIST := services/daert/sandbox/packages.txt
+SANDBOX_CACHE := $(if $(filter 0,$(shell id -u)),/var/cache/daert,$(HOME)/.cache/daert)
+SANDBOX_PACKAGES := $(SANDBOX_CACHE)/sandbox-packages-$(shell sha256sum $(SANDBOX_PACKAGES_LIST) | cut -c1-12)
+# Debian packages the stack runs: bubblewrap isolates the sandbox service.
+SYSTEM_PACKAGES := bubblewrap
+
 export PATH := $(CURDIR)/$(TOOLS):$(PATH)
 export HF_HUB_OFFLINE := 1
+export DAERT_SANDBOX_PACKAGES_DIR ?= $(SANDBOX_PACKAGES)
 
-.PHONY: help setup up test lint proto bench clean
+.PHONY: help setup system-packages up test lint proto bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: $(VENV)/.installed $(TOOLS)/buf $(TOOLS)/grpcurl ## venv, Python deps and Go tools (idempotent)
+setup: system-packages $(VENV)/.installed $(SANDBOX_PACKAGES)/.installed $(TOOLS)/buf $(TOOLS)/grpcurl ## Debian packages, venv, Python deps, Go tools (idempotent)
+
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then echo "installing $$missing"; apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages: $$missing (run: sudo apt-get install $$missing)" >&2; exit 1; fi; \
+	fi
+
+$(SANDBOX_PACKAGES)/.installed: $(SANDBOX_PACKAGES_LIST) $(VENV)/.installed
+	@echo "installing the sandbox's allowed packages into $(SANDBOX_PACKAGES)"
+	$(PY) -m pip install --quiet --progress-bar off --target $(SANDBOX_PACKAGES) -r $(SANDBOX_PACKAGES_LIST)
+	@touch $@
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +82,7 @@ proto: setup ## regenerate the Python stubs from proto/
 
 bench: setup ## print benchmark figures (see bench/)
 	$(PY) bench/embedding_bench.py
+	$(PY) bench/sandbox_bench.py
 
 clean: ## remove the venv and tool links (caches outside the clone stay)
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache

@@ -10,16 +10,18 @@ import sys
 import time
 from pathlib import Path
 
+from daert.runtime.registry import SERVICES
 from tests.helpers import free_port
 
 
 def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path) -> None:
-    grpc_port, metrics_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "DAERT_EMBEDDING_PORT": str(grpc_port),
-        "DAERT_EMBEDDING_METRICS_PORT": str(metrics_port),
-    }
+    env = dict(os.environ)
+    ports = {}
+    for service in SERVICES:  # free ports, so a stack already running here is no obstacle
+        ports[service] = (free_port(), free_port())
+        env[f"DAERT_{service.upper()}_PORT"] = str(ports[service][0])
+        env[f"DAERT_{service.upper()}_METRICS_PORT"] = str(ports[service][1])
+    grpc_port, metrics_port = ports["embedding"]
     out = (tmp_path / "up.out").open("w+")
     up = subprocess.Popen(
         [sys.executable, "-m", "daert", "up"],
@@ -35,8 +37,9 @@ def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path
             assert time.monotonic() < deadline, "stack not up in time"
             time.sleep(0.2)
         banner = Path(out.name).read_text()
-        assert f"embedding    grpc localhost:{grpc_port}" in banner
-        assert f"http://localhost:{metrics_port}/metrics" in banner
+        for service, (service_port, service_metrics) in ports.items():
+            assert f"{service:<12} grpc localhost:{service_port}" in banner
+            assert f"http://localhost:{service_metrics}/metrics" in banner
         assert "grpcurl -plaintext" in banner
 
         result = subprocess.run(
@@ -54,6 +57,12 @@ def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path
             timeout=30,
         )
         assert json.loads(result.stdout)["dimensions"] == 8
+        result = subprocess.run(
+            [str(grpcurl), "-plaintext", "-d", '{"code": "print(6 * 7)"}',
+             f"localhost:{ports['sandbox'][0]}", "daert.v1.SandboxService/Execute"],
+            capture_output=True, text=True, check=True, timeout=30,
+        )
+        assert json.loads(result.stdout)["stdout"] == "42\n"
 
         up.send_signal(signal.SIGTERM)
         assert up.wait(60) == 0

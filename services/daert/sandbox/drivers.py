@@ -1,0 +1,140 @@
+"""Isolation drivers: the command line that starts the agent isolated.
+
+Both run the agent under `prlimit` (hard rlimits the code cannot raise) and, when the service
+runs as root, `setpriv` to a uid of the sandbox's own (so RLIMIT_NPROC counts only its
+processes). `bubblewrap` adds new user, pid, net, ipc, uts and cgroup namespaces, no network,
+a read-only minimal filesystem, private tmpfs /tmp and /workspace, an empty environment,
+no capabilities, no nested user namespaces, `--new-session` and `--die-with-parent`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from daert.sandbox.config import Limits, SandboxSettings
+
+AGENT = Path(__file__).with_name("agent.py")
+INSIDE_AGENT = "/opt/daert/agent.py"
+INSIDE_PACKAGES = "/opt/daert/packages"
+INSIDE_WORKSPACE = "/workspace"
+
+# What the code sees as its environment: nothing of the service's.
+SANDBOX_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": INSIDE_WORKSPACE,
+    "LANG": "C.UTF-8",
+    "MPLBACKEND": "Agg",
+    "MPLCONFIGDIR": "/tmp",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONUNBUFFERED": "1",
+    # One BLAS thread: each would reserve address space under RLIMIT_AS.
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None
+    workspace: str  # the workspace path as the agent sees it
+
+
+def _prlimit(limits: Limits) -> list[str]:
+    prlimit = shutil.which("prlimit") or "prlimit"
+    return [
+        prlimit,
+        f"--as={limits.memory_mb * 1024 * 1024}",
+        f"--nproc={limits.max_processes}",
+        f"--fsize={limits.max_file_bytes}",
+        "--nofile=256",
+        "--core=0",
+        "--",
+    ]
+
+
+def _setpriv(uid: int | None) -> list[str]:
+    if uid is None:
+        return []
+    setpriv = shutil.which("setpriv") or "setpriv"
+    return [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+
+
+def python_prefix(python: Path) -> str:
+    """Where the interpreter's standard library lives (bound read-only into the sandbox)."""
+    return str(Path(os.path.realpath(python)).parent.parent)
+
+
+def bubblewrap(
+    settings: SandboxSettings, limits: Limits, uid: int | None, fds: tuple[int, int]
+) -> Launch:
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise FileNotFoundError("bwrap not found: install Debian's bubblewrap package")
+    prefix = python_prefix(settings.python)
+    argv = [
+        *_prlimit(limits),
+        *_setpriv(uid),
+        bwrap,
+        "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+        "--unshare-cgroup-try", "--disable-userns",
+        "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+        "--hostname", "sandbox",
+        "--ro-bind", "/usr", "/usr",
+        "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+        "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
+    ]  # fmt: skip
+    if not prefix.startswith("/usr/"):
+        argv += ["--ro-bind", prefix, prefix]
+    # fontconfig's configuration, for matplotlib's text rendering (present or not).
+    argv += ["--ro-bind-try", "/etc/fonts", "/etc/fonts"]
+    argv += ["--ro-bind", str(AGENT), INSIDE_AGENT]
+    if settings.packages_dir is not None:
+        argv += ["--ro-bind", str(settings.packages_dir), INSIDE_PACKAGES]
+    workspace_bytes = str(settings.workspace_mb * 1024 * 1024)
+    argv += [
+        "--proc", "/proc", "--dev", "/dev",
+        "--size", workspace_bytes, "--tmpfs", "/tmp",
+        "--size", workspace_bytes, "--tmpfs", INSIDE_WORKSPACE,
+        "--chdir", INSIDE_WORKSPACE,
+        "--clearenv",
+    ]  # fmt: skip
+    for key, value in SANDBOX_ENV.items():
+        argv += ["--setenv", key, value]
+    packages = INSIDE_PACKAGES if settings.packages_dir is not None else ""
+    argv += ["--", str(settings.python), "-I", "-S", INSIDE_AGENT, packages, INSIDE_WORKSPACE,
+             str(fds[0]), str(fds[1])]  # fmt: skip
+    return Launch(argv=argv, env={}, cwd=None, workspace=INSIDE_WORKSPACE)
+
+
+def process(
+    settings: SandboxSettings, limits: Limits, uid: int | None, fds: tuple[int, int], workdir: str
+) -> Launch:
+    """rlimits only: for a gVisor pod whose NetworkPolicy denies all egress."""
+    packages = str(settings.packages_dir) if settings.packages_dir is not None else ""
+    argv = [
+        *_prlimit(limits),
+        *_setpriv(uid),
+        str(settings.python), "-I", "-S", str(AGENT), packages, workdir, str(fds[0]), str(fds[1]),
+    ]  # fmt: skip
+    return Launch(argv=argv, env={**SANDBOX_ENV, "HOME": workdir}, cwd=workdir, workspace=workdir)
+
+
+def sandbox_uid(settings: SandboxSettings, slot: int) -> int | None:
+    """A uid of the sandbox's own when we may switch to one (running as root)."""
+    return settings.sandbox_uid_base + slot if os.geteuid() == 0 else None
+
+
+def interpreter_exit_signal(driver: str, returncode: int) -> int:
+    """The signal that ended the code: bubblewrap reports a child's death by signal N as exit
+    status 128 + N; a plain process as a negative return code."""
+    if returncode < 0:
+        return -returncode
+    if driver == "bubblewrap" and returncode > 128:
+        return returncode - 128
+    return 0
