@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from daert.runtime.registry import SERVICES
+
 from tests.helpers import free_port
 
 
@@ -21,7 +22,7 @@ def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path
         ports[service] = (free_port(), free_port())
         env[f"DAERT_{service.upper()}_PORT"] = str(ports[service][0])
         env[f"DAERT_{service.upper()}_METRICS_PORT"] = str(ports[service][1])
-    grpc_port, metrics_port = ports["embedding"]
+    grpc_port = ports["embedding"][0]
     out = (tmp_path / "up.out").open("w+")
     up = subprocess.Popen(
         [sys.executable, "-m", "daert", "up"],
@@ -58,9 +59,18 @@ def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path
         )
         assert json.loads(result.stdout)["dimensions"] == 8
         result = subprocess.run(
-            [str(grpcurl), "-plaintext", "-d", '{"code": "print(6 * 7)"}',
-             f"localhost:{ports['sandbox'][0]}", "daert.v1.SandboxService/Execute"],
-            capture_output=True, text=True, check=True, timeout=30,
+            [
+                str(grpcurl),
+                "-plaintext",
+                "-d",
+                '{"code": "print(6 * 7)"}',
+                f"localhost:{ports['sandbox'][0]}",
+                "daert.v1.SandboxService/Execute",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         )
         assert json.loads(result.stdout)["stdout"] == "42\n"
 

@@ -260,9 +260,13 @@ def main() -> None:
             result["outputs"] += figures()
         except Exception as exc:
             sys.stderr.write(f"could not render figures: {exc}\n")
-        files = collect_files(
-            workspace, before, request.get("output_paths", []), request["max_output_file_bytes"]
-        )
+        try:
+            files = collect_files(
+                workspace, before, request.get("output_paths", []), request["max_output_file_bytes"]
+            )
+        except OSError as exc:  # e.g. the code used up every file descriptor
+            sys.stderr.write(f"could not collect written files: {exc}\n")
+            files = []
         for fd in (1, 2):
             # If the code closed it, the service reads to the end of the stream instead.
             with contextlib.suppress(OSError):

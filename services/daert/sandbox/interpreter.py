@@ -186,9 +186,7 @@ class Interpreter:
         result = Execution()
         try:
             payload = json.dumps(request).encode() + b"\n"
-            await asyncio.get_running_loop().run_in_executor(
-                None, _write_all, control_in, payload
-            )
+            await asyncio.get_running_loop().run_in_executor(None, _write_all, control_in, payload)
             line = await asyncio.wait_for(asyncio.shield(answer), limits.timeout_ms / 1000)
         except TimeoutError:
             result.timed_out = True
