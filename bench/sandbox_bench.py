@@ -70,8 +70,10 @@ async def main(calls: int) -> None:
             f"  {name:<11} p50 {statistics.median(values):7.1f}   p95 "
             f"{percentile(values, 0.95):7.1f}"
         )
-    print(f"  cold / warm p50: {statistics.median(cold_ms) / statistics.median(warm_ms):.1f}x"
-          "   (goal: warm p50 <= 50 ms)")
+    print(
+        f"  cold / warm p50: {statistics.median(cold_ms) / statistics.median(warm_ms):.1f}x"
+        "   (goal: warm p50 <= 50 ms)"
+    )
     print(f"  8 concurrent callers: {rate:.1f} calls/s (each call gets a fresh sandbox)")
 
 

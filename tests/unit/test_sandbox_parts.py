@@ -18,13 +18,15 @@ MARKER = b"\n--end-0123456789abcdef--\n"
 async def capture(chunks: list[bytes], limit: int, eof: bool = False) -> tuple[bytes, bool]:
     """Feed `chunks` one read at a time, as a pipe delivers them."""
     stream = asyncio.StreamReader()
-    reading = asyncio.ensure_future(_Capture(stream).until(MARKER, limit))
+    output = _Capture(stream, limit)
+    reading = asyncio.ensure_future(output.until(MARKER))
     for chunk in chunks:
         stream.feed_data(chunk)
         await asyncio.sleep(0.001)  # let the reader take this chunk alone
     if eof:
         stream.feed_eof()
-    return await asyncio.wait_for(reading, 2)
+    await asyncio.wait_for(reading, 2)
+    return output.output, output.truncated
 
 
 async def test_output_ends_at_the_marker_even_when_split_across_reads() -> None:
@@ -45,11 +47,23 @@ async def test_output_without_marker_ends_at_end_of_stream() -> None:
     )
 
 
-@pytest.mark.parametrize("path", ["../x", "/etc/passwd", "a/../../x", "", "a\x00b", ".."])
+@pytest.mark.parametrize(
+    "path", ["../x", "/etc/passwd", "a/../../x", "", "a\x00b", "..", ".", "a/.."]
+)
 def test_paths_escaping_the_workspace_are_rejected(path: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
         _relative_path(path, "files[0].path")
     assert caught.value.field == "files[0].path"
+
+
+async def test_output_read_so_far_survives_giving_up() -> None:
+    stream = asyncio.StreamReader()
+    output = _Capture(stream, 100)
+    reading = asyncio.ensure_future(output.until(MARKER))
+    stream.feed_data(b"bye\n")  # and then the code closed the stream: no marker, no EOF
+    await asyncio.sleep(0.01)
+    reading.cancel()
+    assert output.output == b"bye\n"
 
 
 def test_paths_are_normalised() -> None:

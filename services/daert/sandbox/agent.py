@@ -31,6 +31,7 @@ from typing import Any
 
 PR_SET_CHILD_SUBREAPER = 36
 MAX_REPR_CHARS = 10_000
+RESERVED_FDS = 16
 
 
 def rlimits(limits: dict[str, int]) -> dict[int, int]:
@@ -59,6 +60,17 @@ def set_limits(limits: dict[str, int], hard_limits: dict[str, int]) -> None:
         resource.setrlimit(
             which, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard)
         )
+    # Keep a few descriptors back, so the agent can still report after the code used up all.
+    _, hard_files = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard_files - RESERVED_FDS, hard_files))
+
+
+def release_reserves() -> None:
+    """After the code: memory and descriptors back to the hard limits, so reporting cannot
+    fail where the code did."""
+    for which in (resource.RLIMIT_AS, resource.RLIMIT_NOFILE):
+        _, hard = resource.getrlimit(which)
+        resource.setrlimit(which, (hard, hard))
 
 
 def write_files(workspace: str, files: list[dict[str, Any]]) -> None:
@@ -120,7 +132,8 @@ def collect_files(
     return out
 
 
-def figures() -> list[dict[str, str]]:
+def figures(budget: int) -> list[dict[str, str]]:
+    """Open matplotlib figures as PNG, while they fit in `budget` bytes."""
     plt = sys.modules.get("matplotlib.pyplot")
     if plt is None:
         return []
@@ -130,9 +143,12 @@ def figures() -> list[dict[str, str]]:
     for number in plt.get_fignums():
         buffer = io.BytesIO()
         plt.figure(number).savefig(buffer, format="png")
-        outputs.append(
-            {"mime_type": "image/png", "data": base64.b64encode(buffer.getvalue()).decode()}
-        )
+        png = buffer.getvalue()
+        if len(png) > budget:
+            sys.stderr.write(f"figure {number} not returned: over the output size limit\n")
+            continue
+        budget -= len(png)
+        outputs.append({"mime_type": "image/png", "data": base64.b64encode(png).decode()})
     plt.close("all")
     return outputs
 
@@ -252,12 +268,10 @@ def main() -> None:
         result = run_code(request["code"], namespace)
         sys.stdout.flush()
         sys.stderr.flush()
+        release_reserves()
         kill_leftovers()
-        # Raise the memory limit again so reporting cannot fail where the code did.
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
         try:
-            result["outputs"] += figures()
+            result["outputs"] += figures(request["max_rich_output_bytes"])
         except Exception as exc:
             sys.stderr.write(f"could not render figures: {exc}\n")
         try:

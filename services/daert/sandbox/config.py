@@ -38,7 +38,7 @@ MAX_LIMITS = Limits(
     cpu_time_ms=120_000,
     memory_mb=4096,
     max_processes=256,
-    max_output_bytes=16 * MIB,
+    max_output_bytes=4 * MIB,
     max_file_bytes=256 * MIB,
 )
 
@@ -72,7 +72,10 @@ class SandboxSettings(ServerSettings):
     max_input_files: int = Field(64, ge=0, description="Most files per request.")
     max_input_bytes: int = Field(32 * MIB, gt=0, description="Most bytes of files per request.")
     max_returned_file_bytes: int = Field(
-        16 * MIB, ge=0, description="Most bytes of written files returned per execution."
+        4 * MIB, ge=0, description="Most bytes of written files returned per execution."
+    )
+    max_rich_output_bytes: int = Field(
+        2 * MIB, ge=0, description="Most bytes of figures (PNG) returned per execution."
     )
     sandbox_uid_base: int = Field(
         200_000,
@@ -84,8 +87,21 @@ class SandboxSettings(ServerSettings):
     max_limits: Limits = MAX_LIMITS
 
     @model_validator(mode="after")
-    def _defaults_within_max(self) -> SandboxSettings:
+    def _consistent(self) -> SandboxSettings:
         for name, value in self.default_limits.model_dump().items():
             if value > getattr(self.max_limits, name):
                 raise ValueError(f"default_limits.{name} exceeds max_limits.{name}")
+        # The largest possible result must fit in one response message.
+        largest = (
+            2 * self.max_limits.max_output_bytes
+            + self.max_returned_file_bytes
+            + self.max_rich_output_bytes
+            + 2 * MIB  # the repr of the last value, file names, metadata
+        )
+        if largest > self.max_send_message_bytes:
+            raise ValueError(
+                f"a result may reach {largest} bytes (2 x max_limits.max_output_bytes + "
+                "max_returned_file_bytes + max_rich_output_bytes + 2 MiB), more than "
+                f"max_send_message_bytes={self.max_send_message_bytes}"
+            )
         return self

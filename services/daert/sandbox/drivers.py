@@ -9,14 +9,21 @@ no capabilities, no nested user namespaces, `--new-session` and `--die-with-pare
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from daert.sandbox.config import Limits, SandboxSettings
 
 AGENT = Path(__file__).with_name("agent.py")
+DENIED_SYSCALLS = (
+    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "bpf", "perf_event_open",
+    "userfaultfd", "keyctl", "add_key", "request_key", "kexec_load", "init_module",
+    "finit_module", "delete_module", "mount", "umount2", "pivot_root", "unshare", "setns",
+)  # fmt: skip
 INSIDE_AGENT = "/opt/daert/agent.py"
 INSIDE_PACKAGES = "/opt/daert/packages"
 INSIDE_WORKSPACE = "/workspace"
@@ -70,9 +77,28 @@ def python_prefix(python: Path) -> str:
     return str(Path(os.path.realpath(python)).parent.parent)
 
 
+def seccomp_filter() -> bytes:
+    """A BPF program that denies (EPERM) the system calls sandboxed code has no use for and
+    that reach into other processes or the kernel: ptrace and friends, bpf, perf, keyrings."""
+    import pyseccomp
+
+    syscall_filter = pyseccomp.SyscallFilter(defaction=pyseccomp.ALLOW)
+    for name in DENIED_SYSCALLS:
+        syscall_filter.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+    with tempfile.TemporaryFile() as program:
+        syscall_filter.export_bpf(program)
+        program.seek(0)
+        return program.read()
+
+
 def bubblewrap(
-    settings: SandboxSettings, limits: Limits, uid: int | None, fds: tuple[int, int]
+    settings: SandboxSettings,
+    limits: Limits,
+    uid: int | None,
+    fds: tuple[int, int],
+    seccomp_fd: int,
 ) -> Launch:
+    """`seccomp_fd` is a readable descriptor holding `seccomp_filter()`'s program."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise FileNotFoundError("bwrap not found: install Debian's bubblewrap package")
@@ -102,6 +128,10 @@ def bubblewrap(
         "--size", workspace_bytes, "--tmpfs", "/tmp",
         "--size", workspace_bytes, "--tmpfs", INSIDE_WORKSPACE,
         "--chdir", INSIDE_WORKSPACE,
+        # The root (bwrap's own tmpfs, unbounded) becomes read-only: only the sized tmpfs
+        # /tmp and /workspace take writes.
+        "--remount-ro", "/",
+        "--seccomp", str(seccomp_fd),
         "--clearenv",
     ]  # fmt: skip
     for key, value in SANDBOX_ENV.items():

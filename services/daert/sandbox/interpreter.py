@@ -56,48 +56,53 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class _Capture:
-    """Reads one stream up to a byte limit (the rest is drained and dropped, with a flag)
-    until a request's end marker, or end of stream."""
+    """One call's output on one stream: kept up to a byte limit (the rest is drained and
+    dropped, with a flag) until the call's end marker or end of stream. What was read stays
+    available if reading is given up (the code closed the stream and never wrote a marker)."""
 
-    def __init__(self, stream: asyncio.StreamReader) -> None:
+    def __init__(self, stream: asyncio.StreamReader, limit: int) -> None:
         self._stream = stream
+        self._limit = limit
+        self._kept = bytearray()
+        self._pending = b""  # may hold the start of a marker split across reads
+        self.truncated = False
 
-    async def until(self, marker: bytes, limit: int) -> tuple[bytes, bool]:
-        kept = bytearray()
-        truncated = False
+    def _commit(self, data: bytes) -> None:
+        room = self._limit - len(self._kept)
+        self.truncated = self.truncated or len(data) > room
+        self._kept.extend(data[: max(room, 0)])
 
-        def commit(data: bytes) -> None:
-            nonlocal truncated
-            room = limit - len(kept)
-            truncated = truncated or len(data) > room
-            kept.extend(data[: max(room, 0)])
-
-        pending = b""  # may hold the start of a marker split across reads
+    async def until(self, marker: bytes) -> None:
         while chunk := await self._stream.read(65536):
-            window = pending + chunk
+            window = self._pending + chunk
             end = window.find(marker)
             if end >= 0:
-                commit(window[:end])
-                return bytes(kept), truncated
+                self._pending = b""
+                self._commit(window[:end])
+                return
             keep = len(marker) - 1
-            commit(window[:-keep])
-            pending = window[-keep:]
-        commit(pending)
-        return bytes(kept), truncated
+            self._commit(window[:-keep])
+            self._pending = window[-keep:]
+
+    @property
+    def output(self) -> bytes:
+        pending = self._pending[: max(self._limit - len(self._kept), 0)]
+        return bytes(self._kept) + pending
 
 
 class Interpreter:
     """A started agent inside its sandbox, waiting for code. Never shared between callers
     that do not share a session."""
 
-    def __init__(self, settings: SandboxSettings, limits: Limits) -> None:
+    def __init__(
+        self, settings: SandboxSettings, limits: Limits, seccomp: bytes | None = None
+    ) -> None:
         self._settings = settings
+        self._seccomp = seccomp  # the BPF program bubblewrap installs
         self.limits = limits  # the hard limits it was started with
         self._process: asyncio.subprocess.Process | None = None
         self._control_in: int | None = None
         self._control_out: asyncio.StreamReader | None = None
-        self._stdout: _Capture | None = None
-        self._stderr: _Capture | None = None
         self._workdir: str | None = None
         self.started_at = time.monotonic()
 
@@ -111,8 +116,14 @@ class Interpreter:
         from_agent_r, from_agent_w = os.pipe()
         uid = drivers.sandbox_uid(self._settings, next(_slots) % 50_000)
         fds = (to_agent_r, from_agent_w)
+        passed = list(fds)
         if self._settings.driver == "bubblewrap":
-            launch = drivers.bubblewrap(self._settings, self.limits, uid, fds)
+            assert self._seccomp is not None
+            seccomp_r, seccomp_w = os.pipe()  # the program is small: fits the pipe buffer
+            os.write(seccomp_w, self._seccomp)
+            os.close(seccomp_w)
+            passed.append(seccomp_r)
+            launch = drivers.bubblewrap(self._settings, self.limits, uid, fds, seccomp_r)
         else:
             self._workdir = tempfile.mkdtemp(prefix="daert-sandbox-")
             if uid is not None:
@@ -126,21 +137,18 @@ class Interpreter:
                 stderr=asyncio.subprocess.PIPE,
                 env=launch.env,
                 cwd=launch.cwd,
-                pass_fds=fds,
+                pass_fds=passed,
                 start_new_session=True,
             )
         finally:
-            os.close(to_agent_r)
-            os.close(from_agent_w)
+            for fd in passed:
+                os.close(fd)
         self._control_in = to_agent_w
         reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
         await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(from_agent_r, "rb", 0)
         )
         self._control_out = reader
-        assert self._process.stdout is not None and self._process.stderr is not None
-        self._stdout = _Capture(self._process.stdout)
-        self._stderr = _Capture(self._process.stderr)
         try:
             hello = await asyncio.wait_for(reader.readline(), START_TIMEOUT_S)
         except TimeoutError:
@@ -162,7 +170,7 @@ class Interpreter:
         """Run `code` under `limits`; `hard_limits` (never raised again by the code) are the
         call's own for a one-shot interpreter and the session's for a session."""
         assert self._process is not None and self._control_out is not None
-        assert self._stdout is not None and self._stderr is not None
+        assert self._process.stdout is not None and self._process.stderr is not None
         assert self._control_in is not None
         control_in = self._control_in
         marker = f"\n--daert-end-{secrets.token_hex(16)}--\n".encode()
@@ -177,11 +185,14 @@ class Interpreter:
             "limits": limits.model_dump(),
             "hard_limits": hard_limits.model_dump(),
             "max_output_file_bytes": self._settings.max_returned_file_bytes,
+            "max_rich_output_bytes": self._settings.max_rich_output_bytes,
             "marker": marker.decode(),
         }  # fmt: skip
         started = time.monotonic()
-        stdout = asyncio.ensure_future(self._stdout.until(marker, limits.max_output_bytes))
-        stderr = asyncio.ensure_future(self._stderr.until(marker, limits.max_output_bytes))
+        out = _Capture(self._process.stdout, limits.max_output_bytes)
+        err = _Capture(self._process.stderr, limits.max_output_bytes)
+        stdout = asyncio.ensure_future(out.until(marker))
+        stderr = asyncio.ensure_future(err.until(marker))
         answer = asyncio.ensure_future(self._control_out.readline())
         result = Execution()
         try:
@@ -226,8 +237,8 @@ class Interpreter:
         for task in (stdout, stderr):
             if task not in done:
                 task.cancel()
-        result.stdout, result.stdout_truncated = stdout.result() if stdout in done else (b"", False)
-        result.stderr, result.stderr_truncated = stderr.result() if stderr in done else (b"", False)
+        result.stdout, result.stdout_truncated = out.output, out.truncated
+        result.stderr, result.stderr_truncated = err.output, err.truncated
         result.duration_ms = int((time.monotonic() - started) * 1000)
         return result
 

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from daert.runtime.errors import AlreadyExists, NotFound, ResourceExhausted
+from daert.sandbox import drivers
 from daert.sandbox.config import Limits, SandboxSettings
 from daert.sandbox.interpreter import Interpreter
 
@@ -27,10 +28,13 @@ class WarmPool:
         self._filler: asyncio.Task[None] | None = None
         self.healthy = False  # the last start of an interpreter succeeded
         self.last_error = ""
+        self._seccomp = drivers.seccomp_filter() if settings.driver == "bubblewrap" else None
 
     async def new_interpreter(self) -> Interpreter:
         try:
-            interpreter = await Interpreter(self._settings, self._settings.max_limits).start()
+            interpreter = await Interpreter(
+                self._settings, self._settings.max_limits, self._seccomp
+            ).start()
         except Exception as exc:
             self.healthy, self.last_error = False, str(exc)
             raise

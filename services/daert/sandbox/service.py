@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import mimetypes
 import posixpath
 import shutil
 import time
@@ -29,9 +30,9 @@ def _relative_path(path: str, field: str) -> str:
     require("\x00" not in path, field, "must not contain NUL")
     normal = posixpath.normpath(path)
     require(
-        not posixpath.isabs(path) and normal != ".." and not normal.startswith("../"),
+        not posixpath.isabs(path) and normal not in (".", "..") and not normal.startswith("../"),
         field,
-        f"{path!r} must be relative and stay inside the workspace",
+        f"{path!r} must name a file inside the workspace",
     )
     return normal
 
@@ -263,6 +264,7 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
                     size=f["size"],
                     truncated=f["truncated"],
                     omitted=f["omitted"],
+                    mime_type=mimetypes.guess_type(f["path"])[0] or "",
                 )
                 for f in result.files
             ],

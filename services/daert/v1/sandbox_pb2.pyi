@@ -323,7 +323,7 @@ class ExecuteResponse(_message.Message):
     """The session the code ran in; empty for one-shot runs."""
     session_reset: _builtins.bool
     """True when the session's interpreter died (killed by a limit or
-    crashed) and was restarted: its variables are lost, its files kept.
+    crashed) and was restarted: its variables and workspace files are lost.
     """
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___RichOutput]:
