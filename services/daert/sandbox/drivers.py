@@ -49,7 +49,6 @@ class Launch:
     argv: list[str]
     env: dict[str, str]
     cwd: str | None
-    workspace: str  # the workspace path as the agent sees it
 
 
 def _prlimit(limits: Limits) -> list[str]:
@@ -139,7 +138,7 @@ def bubblewrap(
     packages = INSIDE_PACKAGES if settings.packages_dir is not None else ""
     argv += ["--", str(settings.python), "-I", "-S", INSIDE_AGENT, packages, INSIDE_WORKSPACE,
              str(fds[0]), str(fds[1])]  # fmt: skip
-    return Launch(argv=argv, env={}, cwd=None, workspace=INSIDE_WORKSPACE)
+    return Launch(argv=argv, env={}, cwd=None)
 
 
 def process(
@@ -152,7 +151,7 @@ def process(
         *_setpriv(uid),
         str(settings.python), "-I", "-S", str(AGENT), packages, workdir, str(fds[0]), str(fds[1]),
     ]  # fmt: skip
-    return Launch(argv=argv, env={**SANDBOX_ENV, "HOME": workdir}, cwd=workdir, workspace=workdir)
+    return Launch(argv=argv, env={**SANDBOX_ENV, "HOME": workdir}, cwd=workdir)
 
 
 def sandbox_uid(settings: SandboxSettings, slot: int) -> int | None:

@@ -104,7 +104,6 @@ class Interpreter:
         self._control_in: int | None = None
         self._control_out: asyncio.StreamReader | None = None
         self._workdir: str | None = None
-        self.started_at = time.monotonic()
 
     @property
     def alive(self) -> bool:

@@ -27,7 +27,6 @@ class WarmPool:
         self._taken = asyncio.Event()
         self._filler: asyncio.Task[None] | None = None
         self.healthy = False  # the last start of an interpreter succeeded
-        self.last_error = ""
         self._seccomp = drivers.seccomp_filter() if settings.driver == "bubblewrap" else None
 
     async def new_interpreter(self) -> Interpreter:
@@ -35,8 +34,8 @@ class WarmPool:
             interpreter = await Interpreter(
                 self._settings, self._settings.max_limits, self._seccomp
             ).start()
-        except Exception as exc:
-            self.healthy, self.last_error = False, str(exc)
+        except Exception:
+            self.healthy = False
             raise
         self.healthy = True
         return interpreter
