@@ -229,7 +229,7 @@ class Interpreter:
             )
             if result.timed_out:
                 result.signal = result.signal or signal.SIGKILL
-            if result.signal in (signal.SIGXCPU,):
+            if result.signal == signal.SIGXCPU:
                 result.timed_out = True
             result.exit_code = -1 if result.signal else self._process.returncode
             done, _ = await asyncio.wait({stdout, stderr}, timeout=MARKER_GRACE_S)

@@ -41,7 +41,12 @@ class WarmPool:
         return interpreter
 
     async def start(self) -> None:
-        await (await self.new_interpreter()).kill()  # fail start-up early if sandboxing is broken
+        # Fail start-up early if sandboxing is broken; the probe then is the first warm one.
+        probe = await self.new_interpreter()
+        if self._settings.pool_size:
+            self._ready.put_nowait(probe)
+        else:
+            await probe.kill()
         self._filler = asyncio.create_task(self._fill(), name="sandbox-pool")
 
     async def _fill(self) -> None:

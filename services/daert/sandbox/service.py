@@ -222,8 +222,10 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
         async with session.lock:
             reset = False
             if session.interpreter is None or not session.interpreter.alive:
+                # A loss already reported left None; one that died between calls (killed from
+                # outside) is reported now, once.
+                reset = session.interpreter is not None
                 session.interpreter = await self._pool.acquire()
-                reset = session.execution_count > 0
             result = await session.interpreter.execute(
                 code, files, paths, limits, hard_limits=session.limits
             )
@@ -254,13 +256,13 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
             session_id=session.session_id if session else "",
             session_reset=reset,
             outputs=[
-                sandbox_pb2.RichOutput(mime_type=o["mime_type"], data=_b64(o["data"]))
+                sandbox_pb2.RichOutput(mime_type=o["mime_type"], data=base64.b64decode(o["data"]))
                 for o in result.outputs
             ],
             files=[
                 sandbox_pb2.SandboxOutputFile(
                     path=f["path"],
-                    content=_b64(f["content"]),
+                    content=base64.b64decode(f["content"]),
                     size=f["size"],
                     truncated=f["truncated"],
                     omitted=f["omitted"],
@@ -272,7 +274,3 @@ class SandboxServicer(sandbox_pb2_grpc.SandboxServiceServicer):
         if result.error:
             response.error.CopyFrom(sandbox_pb2.ExecutionError(**result.error))
         return response
-
-
-def _b64(data: str) -> bytes:
-    return base64.b64decode(data)
