@@ -9,7 +9,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -112,40 +113,40 @@ async def test_overload_is_resource_exhausted(tei: FakeTEI) -> None:
         assert server.health() == "SERVING"
 
 
-async def test_sigterm_lets_the_in_flight_call_finish(tei: FakeTEI) -> None:
-    server = serving(tei, DAERT_EMBEDDING_GRACE_PERIOD_S="10")
+@asynccontextmanager
+async def sigterm_during_a_call(
+    tei: FakeTEI, grace_s: float, upstream_delay_s: float
+) -> AsyncIterator[tuple[ServerProcess, asyncio.Future[list[list[float]]]]]:
+    """SIGTERM a server while a call waits on its upstream; on leaving, the process must
+    have exited 0 within 10 s."""
+    server = serving(tei, DAERT_EMBEDDING_GRACE_PERIOD_S=str(grace_s))
     try:
-        tei.delay_s = 1.5
+        tei.delay_s = upstream_delay_s
         async with EmbeddingClient(server.target) as client:
-            call = asyncio.ensure_future(client.embed_texts(["finish me"], timeout_s=10))
+            call = asyncio.ensure_future(client.embed_texts(["in flight"], timeout_s=30))
             assert await asyncio.to_thread(tei.wait_for_requests, 1, 5.0, "/embed")
             server.terminate()
-            vectors = await call  # completes despite SIGTERM
-        assert len(vectors[0]) == 8
+            yield server, call
         assert server.process is not None
         assert await asyncio.to_thread(server.process.wait, 10) == 0
-        messages = [e.get("msg") for e in server.logs()]
-        assert messages.index("draining") < messages.index("stopped")
     finally:
         server.stop()
+
+
+async def test_sigterm_lets_the_in_flight_call_finish(tei: FakeTEI) -> None:
+    async with sigterm_during_a_call(tei, grace_s=10, upstream_delay_s=1.5) as (server, call):
+        vectors = await call  # completes despite SIGTERM
+    assert len(vectors[0]) == 8
+    messages = [e.get("msg") for e in server.logs()]
+    assert messages.index("draining") < messages.index("stopped")
 
 
 async def test_sigterm_cuts_calls_that_outlive_the_grace_period(tei: FakeTEI) -> None:
-    server = serving(tei, DAERT_EMBEDDING_GRACE_PERIOD_S="0.5")
-    try:
-        tei.delay_s = 30
-        async with EmbeddingClient(server.target) as client:
-            call = asyncio.ensure_future(client.embed_texts(["too slow"], timeout_s=30))
-            assert await asyncio.to_thread(tei.wait_for_requests, 1, 5.0, "/embed")
-            started = time.monotonic()
-            server.terminate()
-            with pytest.raises(grpc.aio.AioRpcError):
-                await call
-        assert server.process is not None
-        assert await asyncio.to_thread(server.process.wait, 10) == 0
-        assert time.monotonic() - started < 5
-    finally:
-        server.stop()
+    async with sigterm_during_a_call(tei, grace_s=0.5, upstream_delay_s=30) as (_, call):
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call
+    assert time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize(
