@@ -31,6 +31,8 @@ class ServerProcess:
             f"{prefix}PORT": "0",
             f"{prefix}METRICS_PORT": "0",
             f"{prefix}HEALTH_INTERVAL_S": "0.2",
+            # `start` finds the ports in the INFO line "serving".
+            f"{prefix}LOG_LEVEL": "INFO",
             **(env or {}),
         }
         self.log_path = Path(tempfile.mkstemp(prefix=f"daert-{service}-", suffix=".log")[1])
