@@ -248,7 +248,7 @@ async def test_request_id_is_logged_and_returned(embedding_server: ServerProcess
             metadata=(("x-request-id", "req-test-1234"),),
         )
         await call
-        trailer = dict(await call.trailing_metadata())
+        trailer = await call.trailing_metadata()
     assert trailer["x-request-id"] == "req-test-1234"
     for _ in range(50):
         entries = [e for e in embedding_server.logs() if e.get("request_id") == "req-test-1234"]
@@ -263,7 +263,7 @@ async def test_request_id_is_generated_when_absent(embedding_server: ServerProce
     async with EmbeddingClient(embedding_server.target) as client:
         call = client.stub.Embed(embedding_pb2.EmbedRequest(inputs=["no id"]))
         await call
-        trailer = dict(await call.trailing_metadata())
+        trailer = await call.trailing_metadata()
     assert len(trailer["x-request-id"]) == 32
 
 

@@ -5,7 +5,7 @@ import warnings
 
 from daert.v1 import context_pb2 as daert_dot_v1_dot_context__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class ContextServiceStub:
+class ContextServiceStub(object):
     """Fits a conversation into a token budget: the system prompt stays pinned,
     the most recent turns stay verbatim, and older turns are summarised
     (with the generation service), extracted or dropped. Rolling summaries
@@ -56,7 +56,7 @@ class ContextServiceStub:
                 _registered_method=True)
 
 
-class ContextServiceServicer:
+class ContextServiceServicer(object):
     """Fits a conversation into a token budget: the system prompt stays pinned,
     the most recent turns stay verbatim, and older turns are summarised
     (with the generation service), extracted or dropped. Rolling summaries
@@ -111,7 +111,7 @@ def add_ContextServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ContextService:
+class ContextService(object):
     """Fits a conversation into a token budget: the system prompt stays pinned,
     the most recent turns stay verbatim, and older turns are summarised
     (with the generation service), extracted or dropped. Rolling summaries

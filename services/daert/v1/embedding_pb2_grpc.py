@@ -5,7 +5,7 @@ import warnings
 
 from daert.v1 import embedding_pb2 as daert_dot_v1_dot_embedding__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class EmbeddingServiceStub:
+class EmbeddingServiceStub(object):
     """Turns text into dense vectors. Concurrent calls are coalesced into model
     batches by the server, so many small calls are as cheap as one big one.
     """
@@ -48,7 +48,7 @@ class EmbeddingServiceStub:
                 _registered_method=True)
 
 
-class EmbeddingServiceServicer:
+class EmbeddingServiceServicer(object):
     """Turns text into dense vectors. Concurrent calls are coalesced into model
     batches by the server, so many small calls are as cheap as one big one.
     """
@@ -88,7 +88,7 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class EmbeddingService:
+class EmbeddingService(object):
     """Turns text into dense vectors. Concurrent calls are coalesced into model
     batches by the server, so many small calls are as cheap as one big one.
     """

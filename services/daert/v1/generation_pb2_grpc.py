@@ -5,7 +5,7 @@ import warnings
 
 from daert.v1 import generation_pb2 as daert_dot_v1_dot_generation__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class GenerationServiceStub:
+class GenerationServiceStub(object):
     """Generates text with large language models. Proxies to LLM inference
     servers (TGI, Ollama, any OpenAI-compatible server), optionally through
     the LoRA router, and answers repeated requests from a Redis response cache.
@@ -54,7 +54,7 @@ class GenerationServiceStub:
                 _registered_method=True)
 
 
-class GenerationServiceServicer:
+class GenerationServiceServicer(object):
     """Generates text with large language models. Proxies to LLM inference
     servers (TGI, Ollama, any OpenAI-compatible server), optionally through
     the LoRA router, and answers repeated requests from a Redis response cache.
@@ -108,7 +108,7 @@ def add_GenerationServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class GenerationService:
+class GenerationService(object):
     """Generates text with large language models. Proxies to LLM inference
     servers (TGI, Ollama, any OpenAI-compatible server), optionally through
     the LoRA router, and answers repeated requests from a Redis response cache.

@@ -5,7 +5,7 @@ import warnings
 
 from daert.v1 import lora_pb2 as daert_dot_v1_dot_lora__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class LoraRouterServiceStub:
+class LoraRouterServiceStub(object):
     """Registry of LoRA adapters and router that decides, per request, which
     adapter to apply and on which inference replica (LoRAX, vLLM or TGI
     multi-LoRA) to run it, preferring replicas where the adapter is already
@@ -96,7 +96,7 @@ class LoraRouterServiceStub:
                 _registered_method=True)
 
 
-class LoraRouterServiceServicer:
+class LoraRouterServiceServicer(object):
     """Registry of LoRA adapters and router that decides, per request, which
     adapter to apply and on which inference replica (LoRAX, vLLM or TGI
     multi-LoRA) to run it, preferring replicas where the adapter is already
@@ -234,7 +234,7 @@ def add_LoraRouterServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class LoraRouterService:
+class LoraRouterService(object):
     """Registry of LoRA adapters and router that decides, per request, which
     adapter to apply and on which inference replica (LoRAX, vLLM or TGI
     multi-LoRA) to run it, preferring replicas where the adapter is already

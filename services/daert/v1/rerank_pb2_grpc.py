@@ -5,7 +5,7 @@ import warnings
 
 from daert.v1 import rerank_pb2 as daert_dot_v1_dot_rerank__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class RerankServiceStub:
+class RerankServiceStub(object):
     """Orders candidate documents by relevance to a query, typically the hits of
     a first-stage retrieval. Backed by a local cross-encoder, TEI /rerank, or
     an embedded default that needs no extra model.
@@ -49,7 +49,7 @@ class RerankServiceStub:
                 _registered_method=True)
 
 
-class RerankServiceServicer:
+class RerankServiceServicer(object):
     """Orders candidate documents by relevance to a query, typically the hits of
     a first-stage retrieval. Backed by a local cross-encoder, TEI /rerank, or
     an embedded default that needs no extra model.
@@ -90,7 +90,7 @@ def add_RerankServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class RerankService:
+class RerankService(object):
     """Orders candidate documents by relevance to a query, typically the hits of
     a first-stage retrieval. Backed by a local cross-encoder, TEI /rerank, or
     an embedded default that needs no extra model.

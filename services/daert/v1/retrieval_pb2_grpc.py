@@ -5,7 +5,7 @@ import warnings
 
 from daert.v1 import retrieval_pb2 as daert_dot_v1_dot_retrieval__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class RetrievalServiceStub:
+class RetrievalServiceStub(object):
     """Stores text chunks with their vectors and metadata in collections, and
     finds them again by vector, keyword or hybrid search with metadata
     filters. Backed by PostgreSQL + pgvector (default) or Weaviate.
@@ -105,7 +105,7 @@ class RetrievalServiceStub:
                 _registered_method=True)
 
 
-class RetrievalServiceServicer:
+class RetrievalServiceServicer(object):
     """Stores text chunks with their vectors and metadata in collections, and
     finds them again by vector, keyword or hybrid search with metadata
     filters. Backed by PostgreSQL + pgvector (default) or Weaviate.
@@ -251,7 +251,7 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class RetrievalService:
+class RetrievalService(object):
     """Stores text chunks with their vectors and metadata in collections, and
     finds them again by vector, keyword or hybrid search with metadata
     filters. Backed by PostgreSQL + pgvector (default) or Weaviate.

@@ -5,7 +5,7 @@ import warnings
 
 from daert.v1 import sandbox_pb2 as daert_dot_v1_dot_sandbox__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class SandboxServiceStub:
+class SandboxServiceStub(object):
     """Runs untrusted, typically LLM-written, Python code in isolation: no
     network, bounded time, memory, processes and output. Locally bubblewrap +
     rlimits/cgroups; on Kubernetes a gVisor RuntimeClass + NetworkPolicy.
@@ -64,7 +64,7 @@ class SandboxServiceStub:
                 _registered_method=True)
 
 
-class SandboxServiceServicer:
+class SandboxServiceServicer(object):
     """Runs untrusted, typically LLM-written, Python code in isolation: no
     network, bounded time, memory, processes and output. Locally bubblewrap +
     rlimits/cgroups; on Kubernetes a gVisor RuntimeClass + NetworkPolicy.
@@ -134,7 +134,7 @@ def add_SandboxServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class SandboxService:
+class SandboxService(object):
     """Runs untrusted, typically LLM-written, Python code in isolation: no
     network, bounded time, memory, processes and output. Locally bubblewrap +
     rlimits/cgroups; on Kubernetes a gVisor RuntimeClass + NetworkPolicy.
