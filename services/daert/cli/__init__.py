@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from daert.runtime.registry import SERVICES
 
@@ -18,6 +20,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = commands.add_parser("up", help="run every service locally until Ctrl-C")
     up.add_argument("--only", nargs="+", choices=sorted(SERVICES), help="run just these services")
     up.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for health")
+    up.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(os.environ.get("DAERT_STATE_DIR", ".daert/state")),
+        help="where embedded data services keep their data (default: $DAERT_STATE_DIR "
+        "or .daert/state)",
+    )
 
     args = parser.parse_args(argv)
     if args.command == "serve":
@@ -26,4 +35,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_service(args.service)
     from daert.cli.up import run_stack
 
-    return run_stack(args.only or sorted(SERVICES), args.ready_timeout)
+    return run_stack(args.only or sorted(SERVICES), args.ready_timeout, args.state_dir)

@@ -3,21 +3,25 @@
 Starts each service with its embedded defaults, waits until grpc.health.v1 says SERVING,
 prints the endpoints and a first call to try, and on Ctrl-C or SIGTERM drains them all.
 If one service dies, the others are stopped too: a half-running stack only confuses.
+Data services the chosen services need and were not pointed at (an embedded PostgreSQL for
+retrieval) are started first, with their data under the state folder, and stopped last.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from daert.local.postgres import EmbeddedPostgres
 from daert.runtime.registry import load_spec
 from daert.runtime.service import ServiceSpec
 from daert.runtime.settings import ConfigError, ServerSettings, load_settings
@@ -114,14 +118,29 @@ async def _stop_all(services: list[_Running], grace_s: float) -> None:
             await s.process.wait()
 
 
-async def _run(names: list[str], ready_timeout_s: float) -> int:
+def _start_data_services(names: list[str], state_dir: Path) -> list[Callable[[], None]]:
+    """Start what the services need and have no address for; returns how to stop each.
+    The addresses go into this process's environment, which the services inherit."""
+    stops: list[Callable[[], None]] = []
+    wants_pgvector = os.environ.get("DAERT_RETRIEVAL_BACKEND", "pgvector") == "pgvector"
+    if "retrieval" in names and wants_pgvector and not os.environ.get("DAERT_RETRIEVAL_DSN"):
+        postgres = EmbeddedPostgres(state_dir / "pgdata")
+        os.environ["DAERT_RETRIEVAL_DSN"] = postgres.start()
+        stops.append(postgres.stop)
+        _say(f"started the embedded PostgreSQL + pgvector (data in {postgres.data_dir})")
+    return stops
+
+
+async def _run(names: list[str], ready_timeout_s: float, state_dir: Path) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
     services: list[_Running] = []
+    stop_data_services: list[Callable[[], None]] = []
     try:
+        stop_data_services = await asyncio.to_thread(_start_data_services, names, state_dir)
         for name in names:
             spec = load_spec(name)
             settings = load_settings(spec.settings)
@@ -146,8 +165,10 @@ async def _run(names: list[str], ready_timeout_s: float) -> int:
         _say("stopping")
         grace = max((s.settings.grace_period_s for s in services), default=10.0) + 5
         await _stop_all(services, grace)
+        for stop_data_service in reversed(stop_data_services):
+            await asyncio.to_thread(stop_data_service)
         _say("stopped")
 
 
-def run_stack(names: list[str], ready_timeout_s: float) -> int:
-    return asyncio.run(_run(names, ready_timeout_s))
+def run_stack(names: list[str], ready_timeout_s: float, state_dir: Path) -> int:
+    return asyncio.run(_run(names, ready_timeout_s, state_dir))

@@ -57,7 +57,7 @@ class _Readiness:
             try:
                 ready = await asyncio.wait_for(self._service.ready(), timeout=interval_s)
             except Exception as exc:  # a failing check means "not ready", never a crash
-                log.warning("readiness check failed: %s", exc)
+                log.warning("readiness check failed: %s", str(exc) or type(exc).__name__)
                 ready = False
             await self._set(ready, service_label)
             self._recheck.clear()

@@ -1,0 +1,1 @@
+"""Retrieval service: text chunks with vectors, searched by vector, keyword or both."""
