@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from daert.local.postgres import EmbeddedPostgres
 from daert.testing import ServerProcess
 
 from tests.helpers import TOOLS, models_env
@@ -50,3 +51,12 @@ def grpcurl() -> Path:
     if not path.exists():
         pytest.fail("grpcurl is missing: run `make setup` (it builds it with go install)")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    """A real PostgreSQL 16 + pgvector (the pgserver wheel), shared by the session."""
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pgdata"))
+    server.start()
+    yield server
+    server.stop()

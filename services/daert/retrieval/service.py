@@ -4,7 +4,6 @@ ranking live in `backends/`."""
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +24,7 @@ from daert.retrieval.model import (
     ScoredChunk,
     Vector,
 )
-from daert.runtime.errors import NotFound
+from daert.runtime.errors import InvalidArgument, NotFound
 from daert.runtime.validation import require
 from daert.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 
@@ -318,7 +317,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                     id=message.id,
                     document_id=message.document_id,
                     text=message.text,
-                    metadata=_metadata(message.metadata, f"{where}.metadata"),
+                    metadata=_json(message.metadata, f"{where}.metadata"),
                     vector=_vector(message.vector.values, spec, f"{where}.vector"),
                 )
             )
@@ -375,26 +374,16 @@ def _vector(values: Sequence[float], spec: CollectionSpec, field: str) -> Vector
     return vector
 
 
-def _metadata(struct: struct_pb2.Struct, field: str) -> dict[str, Any]:
-    metadata = json_format.MessageToDict(struct)
-    require(_all_finite(metadata), field, "numbers must be finite (no NaN or Inf)")
-    return metadata
-
-
-def _all_finite(value: Any) -> bool:
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, dict):
-        return all(_all_finite(v) for v in value.values())
-    if isinstance(value, list):
-        return all(_all_finite(v) for v in value)
-    return True
+def _json(struct: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """A Struct as plain JSON values; JSON has no NaN or Infinity, so neither may a Struct."""
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError:
+        raise InvalidArgument(field, "numbers must be finite (no NaN or Inf)") from None
 
 
 def _filter(struct: struct_pb2.Struct) -> Filter | None:
-    raw = json_format.MessageToDict(struct)
-    require(_all_finite(raw), "filter", "numbers must be finite (no NaN or Inf)")
-    return parse_filter(raw)
+    return parse_filter(_json(struct, "filter"))
 
 
 def _collection_message(info: CollectionInfo) -> retrieval_pb2.Collection:

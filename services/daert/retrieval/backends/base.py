@@ -22,6 +22,8 @@ from daert.retrieval.model import (
 
 class RetrievalBackend(Protocol):
     kind: str  # "pgvector" or "weaviate"
+    # Whether ReplaceDocument is one transaction: readers never see old and new chunks mixed.
+    atomic_replace: bool
 
     async def start(self) -> None:
         """Connect and bring the schema up to date. Must not fail when the store is down:

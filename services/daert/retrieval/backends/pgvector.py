@@ -58,6 +58,7 @@ class _Stored:
 
 class PgvectorBackend:
     kind = "pgvector"
+    atomic_replace = True
 
     def __init__(self, settings: RetrievalSettings) -> None:
         assert settings.dsn is not None
