@@ -97,14 +97,20 @@ class ServiceClient:
         self.target = target or os.environ.get(
             f"DAERT_{self.service.upper()}_TARGET", f"localhost:{DEFAULT_PORTS[self.service]}"
         )
-        self.channel = grpc.aio.insecure_channel(
-            self.target,
-            options=[
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if max_attempts > 1:  # gRPC rejects a retry policy of fewer than 2 attempts
+            options += [
                 ("grpc.enable_retries", 1),
                 ("grpc.service_config", retry_service_config(self.full_name, max_attempts)),
-                ("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes),
-            ],
+            ]
+        else:
+            options.append(("grpc.enable_retries", 0))
+        self.channel = grpc.aio.insecure_channel(
+            self.target,
+            options=options,
             interceptors=[_UnaryDefaults(timeout_s), _StreamDefaults(timeout_s)],
         )
         self.stub = self.stub_class(self.channel)

@@ -6,9 +6,22 @@ pgserver runs initdb and pg_ctl from the binaries in its wheel, as an unprivileg
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from pathlib import Path
 from typing import Any
+
+
+def _pgserver() -> Any:
+    """The pgserver module (untyped: its command functions are generated at import)."""
+    try:
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+            warnings.simplefilter("ignore")
+            return importlib.import_module("pgserver")
+    except ImportError:
+        raise RuntimeError(
+            "the embedded PostgreSQL needs the pgserver wheel: pip install 'daert[local]'"
+        ) from None
 
 
 class EmbeddedPostgres:
@@ -20,14 +33,7 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start the server (initialising the folder on first use); returns its DSN."""
-        try:
-            with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
-                warnings.simplefilter("ignore")
-                import pgserver
-        except ImportError:
-            raise RuntimeError(
-                "the embedded PostgreSQL needs the pgserver wheel: pip install 'daert[local]'"
-            ) from None
+        pgserver = _pgserver()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             if self._server is None:
@@ -39,8 +45,7 @@ class EmbeddedPostgres:
         except Exception as exc:
             log_file = self.data_dir / "log"
             raise RuntimeError(
-                f"the embedded PostgreSQL in {self.data_dir} did not start ({exc}); "
-                f"see {log_file}"
+                f"the embedded PostgreSQL in {self.data_dir} did not start ({exc}); see {log_file}"
             ) from exc
         return self.dsn
 
@@ -51,10 +56,8 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         """Stop the server (fast shutdown: open sessions are disconnected)."""
-        import pgserver
-
-        if self._server is None or self._server.get_postmaster_info() is None:
-            return
-        pgserver.pg_ctl(
+        if self._server is None or not (self.data_dir / "postmaster.pid").exists():
+            return  # never started, or already stopped
+        _pgserver().pg_ctl(
             ["-w", "-m", "fast", "stop"], pgdata=self.data_dir, user=self._server.system_user
         )
