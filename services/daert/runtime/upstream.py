@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 
@@ -94,3 +95,21 @@ def transport_errors(backend: str, url: str) -> Iterator[None]:
         raise Unavailable(
             f"{backend} at {url} is unreachable: {exc or type(exc).__name__}"
         ) from exc
+
+
+async def send(
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    *,
+    backend: str,
+    url: str,
+    invalid_field: str,
+    json: Any = None,
+) -> httpx.Response:
+    """One upstream call with every failure mapped to a gRPC status: connection-level ones
+    by `transport_errors`, error statuses by `error_for_status`."""
+    with transport_errors(backend, url):
+        response = await client.request(method, path, json=json)
+    raise_for_status(response, backend, invalid_field)
+    return response

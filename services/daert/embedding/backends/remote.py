@@ -12,7 +12,7 @@ import numpy as np
 from daert.embedding.backends.base import Encoded, ModelInfo
 from daert.embedding.config import ModelConfig
 from daert.runtime.errors import ServiceError, Unavailable
-from daert.runtime.upstream import http_client, raise_for_status, transport_errors
+from daert.runtime.upstream import http_client, send
 
 log = logging.getLogger("daert.embedding")
 
@@ -58,10 +58,15 @@ class RemoteBackend(ABC):
 
     async def request(self, method: str, path: str, json: Any = None) -> httpx.Response:
         """One upstream call with failures mapped to gRPC statuses."""
-        with transport_errors(self.label, self._url):
-            response = await self._http.request(method, path, json=json)
-        raise_for_status(response, self.label, invalid_field="inputs")
-        return response
+        return await send(
+            self._http,
+            method,
+            path,
+            backend=self.label,
+            url=self._url,
+            invalid_field="inputs",
+            json=json,
+        )
 
     async def embed(self, texts: list[str], truncate: bool) -> Encoded:
         if self._info is None:
