@@ -16,8 +16,23 @@ Wire format reproduced from huggingface/text-embeddings-inference:
   ``truncate`` (optional, defaults to the server's ``--auto-truncate``, itself false),
   ``truncation_direction`` (``Left``/``Right``, lower-case aliases, default ``Right``),
   ``prompt_name`` (optional), ``normalize`` (default true). Response: ``[[f32, ...], ...]``.
+  ``RerankRequest``: ``query``, ``texts``, ``truncate`` (as above), ``truncation_direction``,
+  ``raw_scores`` (default false), ``return_text`` (default false). Response: a list of
+  ``Rank`` ``{"index", "text"?, "score"}`` (``text`` only with ``return_text``).
+* ``router/src/http/server.rs`` ``rerank`` (the reranker mode, ``model_type="reranker"``):
+  empty ``texts`` -> ``Empty`` "`texts` cannot be empty"; a model that is not a reranker ->
+  ``Backend`` "model is not a re-ranker model"; more than ``max_client_batch_size`` texts ->
+  ``Validation`` "batch size ..."; each (query, text) pair is tokenized as one input
+  (``core/src/tokenization.rs``: the character limit applies to both together, and
+  truncation is ``LongestFirst``), waits for a permit (never ``Overloaded``) and is scored;
+  ranks are sorted ascending by score, then reversed (so equal scores come back in
+  *descending* index order). A reranker's routes ``POST /`` and ``/invocations`` rerank,
+  and its ``/embed`` answers ``Backend`` "Model is not an embedding model".
+* ``core/src/infer.rs`` ``predict`` -- unless ``raw_scores``, a single-label score passes
+  through a sigmoid.
 * ``core/src/lib.rs`` -- ``TextEmbeddingsError`` display strings: "Input validation error: "
-  prefix for Validation/Empty, "Model is overloaded" for Overloaded.
+  prefix for Validation/Empty, "Model is overloaded" for Overloaded, "Backend error: " for
+  Backend.
 * ``core/src/tokenization.rs`` -- "`inputs` cannot be empty", "`inputs` must have less than
   {max_input_length} tokens. Given: {n}", "`inputs` must have less than {limit} characters.
   Given: {n}" (limit = max_input_length * 250), prompt-name errors.
@@ -31,16 +46,19 @@ Wire format reproduced from huggingface/text-embeddings-inference:
 
 Simplifications: a "token" is a whitespace-separated word (no special tokens); token-id
 inputs (``[1, 2, 3]``) and the newest ``dimensions`` field are not modelled (``dimensions``
-is accepted and ignored).
+is accepted and ignored). A reranker's logit for a pair is a pseudo-random number seeded by
+the model id and the pair as scored (see :meth:`FakeTEI.score_for`); ``LongestFirst`` cuts
+a word from the longer side until the pair fits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from aiohttp import web
@@ -83,7 +101,9 @@ def _axum_text(status: int, text: str) -> _Reject:
 class FakeTEI(FakeHTTPServer):
     """In-process stand-in for a TEI embedding server (see module docstring)."""
 
-    inference_paths: ClassVar[frozenset[str]] = frozenset({"/embed", "/", "/invocations"})
+    inference_paths: ClassVar[frozenset[str]] = frozenset(
+        {"/embed", "/rerank", "/", "/invocations"}
+    )
 
     def __init__(
         self,
@@ -96,6 +116,7 @@ class FakeTEI(FakeHTTPServer):
         auto_truncate: bool = False,
         payload_limit: int = 2_000_000,
         prompts: Mapping[str, str] | None = None,
+        model_type: Literal["embedding", "reranker"] = "embedding",
         version: str = "1.8.0",
         host: str = "127.0.0.1",
         port: int = 0,
@@ -109,6 +130,7 @@ class FakeTEI(FakeHTTPServer):
         self.auto_truncate = auto_truncate
         self.payload_limit = payload_limit
         self.prompts = dict(prompts) if prompts is not None else None
+        self.model_type = model_type
         self.version = version
         #: When False, the health routes answer 503 Unhealthy.
         self.ready = True
@@ -127,6 +149,17 @@ class FakeTEI(FakeHTTPServer):
             vec = (vec / max(float(np.linalg.norm(vec)), 1e-12)).astype(np.float32)
         return f32_wire(vec)
 
+    def score_for(self, query: str, text: str, raw_scores: bool = False) -> float:
+        """The score the reranker returns for a pair, as a JSON client decodes it.
+
+        ``query`` and ``text`` are what is actually scored: for a truncated pair, the kept
+        words joined by single spaces.
+        """
+        rng = np.random.default_rng(stable_seed("tei-rerank", self.model_id, query, text))
+        logit = float(rng.standard_normal()) * 3
+        score = logit if raw_scores else 1 / (1 + math.exp(-logit))
+        return f32_wire([score])[0]
+
     def fail_next_tei(self, error_type: str, message: str, times: int = 1) -> None:
         """Queue TEI-shaped errors, e.g. ``fail_next_tei("Overloaded", "Model is overloaded")``."""
         self.fail_next(TEI_STATUS[error_type], {"error": message, "error_type": error_type}, times)
@@ -138,7 +171,11 @@ class FakeTEI(FakeHTTPServer):
             "model_sha": None,
             "model_dtype": "float32",
             "served_model_name": self.model_id,
-            "model_type": {"embedding": {"pooling": "mean"}},
+            "model_type": (
+                {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
+                if self.model_type == "reranker"
+                else {"embedding": {"pooling": "mean"}}
+            ),
             "max_concurrent_requests": self.max_concurrent_requests,
             "max_input_length": self.max_input_length,
             "max_batch_tokens": 16384,
@@ -157,8 +194,11 @@ class FakeTEI(FakeHTTPServer):
         for path in ("/health", "/", "/ping"):
             app.router.add_get(path, self._health)
         app.router.add_get("/info", self._info)
-        for path in sorted(self.inference_paths):
-            app.router.add_post(path, self._embed)
+        app.router.add_post("/embed", self._embed)
+        app.router.add_post("/rerank", self._rerank)
+        default = self._rerank if self.model_type == "reranker" else self._embed
+        for path in ("/", "/invocations"):
+            app.router.add_post(path, default)
 
     async def _health(self, request: web.Request) -> web.Response:
         if not self.ready:
@@ -176,8 +216,8 @@ class FakeTEI(FakeHTTPServer):
         except _Reject as rej:
             return rej.response
 
-    async def _parse(self, request: web.Request) -> dict[str, Any]:
-        """axum ``Json<EmbedRequest>`` extraction, in axum's order."""
+    async def _read_json(self, request: web.Request, struct: str) -> dict[str, Any]:
+        """axum ``Json<struct>`` extraction up to the struct's own fields, in axum's order."""
         ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if not (ctype == "application/json" or ctype.endswith("+json")):
             raise _axum_text(415, "Expected request with `Content-Type: application/json`")
@@ -189,7 +229,22 @@ class FakeTEI(FakeHTTPServer):
         except ValueError as exc:
             raise _axum_text(400, f"Failed to parse the request body as JSON: {exc}") from None
         if not isinstance(req, dict):
-            raise _axum_text(422, _DESERIALIZE + "invalid type, expected struct EmbedRequest")
+            raise _axum_text(422, _DESERIALIZE + f"invalid type, expected struct {struct}")
+        return req
+
+    @staticmethod
+    def _check_truncation_fields(req: dict[str, Any]) -> None:
+        if req.get("truncate") is not None and not isinstance(req["truncate"], bool):
+            raise _axum_text(422, _DESERIALIZE + "truncate: invalid type, expected a boolean")
+        direction = req.get("truncation_direction", "Right")
+        if direction not in ("Left", "left", "Right", "right"):
+            raise _axum_text(
+                422, _DESERIALIZE + f"truncation_direction: unknown variant `{direction}`"
+            )
+
+    async def _parse(self, request: web.Request) -> dict[str, Any]:
+        """axum ``Json<EmbedRequest>`` extraction, in axum's order."""
+        req = await self._read_json(request, "EmbedRequest")
         inputs = req.get("inputs")
         if "inputs" not in req:
             raise _axum_text(422, _DESERIALIZE + "missing field `inputs`")
@@ -200,13 +255,7 @@ class FakeTEI(FakeHTTPServer):
             raise _axum_text(422, _DESERIALIZE + "data did not match any variant of untagged enum")
         if not isinstance(req.get("normalize", True), bool):
             raise _axum_text(422, _DESERIALIZE + "normalize: invalid type, expected a boolean")
-        if req.get("truncate") is not None and not isinstance(req["truncate"], bool):
-            raise _axum_text(422, _DESERIALIZE + "truncate: invalid type, expected a boolean")
-        direction = req.get("truncation_direction", "Right")
-        if direction not in ("Left", "left", "Right", "right"):
-            raise _axum_text(
-                422, _DESERIALIZE + f"truncation_direction: unknown variant `{direction}`"
-            )
+        self._check_truncation_fields(req)
         if req.get("prompt_name") is not None and not isinstance(req["prompt_name"], str):
             raise _axum_text(422, _DESERIALIZE + "prompt_name: invalid type, expected a string")
         return req
@@ -235,6 +284,8 @@ class FakeTEI(FakeHTTPServer):
                 raise _Reject(tei_error("Validation", msg))
             # Batch inputs wait for permits (acquire_permit), they are never rejected.
             texts, permits = inputs, min(len(inputs), self.max_concurrent_requests)
+        if self.model_type == "reranker":  # core/src/infer.rs embed(): is_classifier()
+            raise _Reject(tei_error("Backend", "Backend error: Model is not an embedding model"))
 
         encoded = [self._encode(t, truncate, left, prompt_name) for t in texts]
         for _ in range(permits):
@@ -303,3 +354,108 @@ class FakeTEI(FakeHTTPServer):
             )
             raise _Reject(tei_error("Validation", _VALIDATION_PREFIX + msg))
         return self.prompts[prompt_name]
+
+    # ------------------------------------------------------------------ rerank
+    async def _rerank(self, request: web.Request) -> web.Response:
+        start = time.monotonic()
+        try:
+            req = await self._parse_rerank(request)
+            return await self._rerank_checked(req, start)
+        except _Reject as rej:
+            return rej.response
+
+    async def _parse_rerank(self, request: web.Request) -> dict[str, Any]:
+        """axum ``Json<RerankRequest>`` extraction, in axum's order."""
+        req = await self._read_json(request, "RerankRequest")
+        for name in ("query", "texts"):
+            if name not in req:
+                raise _axum_text(422, _DESERIALIZE + f"missing field `{name}`")
+        if not isinstance(req["query"], str):
+            raise _axum_text(422, _DESERIALIZE + "query: invalid type, expected a string")
+        texts = req["texts"]
+        if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
+            raise _axum_text(422, _DESERIALIZE + "texts: invalid type, expected a sequence")
+        for flag in ("raw_scores", "return_text"):
+            if not isinstance(req.get(flag, False), bool):
+                raise _axum_text(422, _DESERIALIZE + f"{flag}: invalid type, expected a boolean")
+        self._check_truncation_fields(req)
+        return req
+
+    async def _rerank_checked(self, req: dict[str, Any], start: float) -> web.Response:
+        assert self._permits is not None
+        query: str = req["query"]
+        texts: list[str] = req["texts"]
+        truncate = self.auto_truncate if req.get("truncate") is None else bool(req["truncate"])
+        left = str(req.get("truncation_direction", "Right")).lower() == "left"
+        raw_scores: bool = req.get("raw_scores", False)
+
+        if not texts:
+            raise _Reject(tei_error("Empty", "`texts` cannot be empty"))
+        if self.model_type != "reranker":
+            raise _Reject(tei_error("Backend", "Backend error: model is not a re-ranker model"))
+        if len(texts) > self.max_client_batch_size:
+            msg = (
+                f"batch size {len(texts)} > maximum allowed batch size {self.max_client_batch_size}"
+            )
+            raise _Reject(tei_error("Validation", msg))
+
+        encoded = [self._encode_pair(query, t, truncate, left) for t in texts]
+        # Every pair waits for its permit (acquire_permit): never Overloaded.
+        permits = min(len(texts), self.max_concurrent_requests)
+        for _ in range(permits):
+            await self._permits.acquire()
+        try:
+            await self._simulate_latency()  # "inference"
+        finally:
+            for _ in range(permits):
+                self._permits.release()
+
+        ranks = []
+        for index, (text, (q, t, _)) in enumerate(zip(texts, encoded, strict=True)):
+            rank: dict[str, Any] = {"index": index}
+            if req.get("return_text", False):
+                rank["text"] = text
+            rank["score"] = self.score_for(q, t, raw_scores)
+            ranks.append(rank)
+        # Rust: ranks.sort_by(partial_cmp) (stable, ascending), then ranks.reverse().
+        ranks.sort(key=lambda r: r["score"])
+        ranks.reverse()
+
+        elapsed_ms = str(int((time.monotonic() - start) * 1000))
+        headers = {
+            "x-compute-type": "gpu+optimized",
+            "x-compute-time": elapsed_ms,
+            "x-compute-characters": str(len(query) * len(texts) + sum(len(t) for t in texts)),
+            "x-compute-tokens": str(sum(n for _, _, n in encoded)),
+            "x-total-time": elapsed_ms,
+            "x-tokenization-time": "0",
+            "x-queue-time": "0",
+            "x-inference-time": elapsed_ms,
+        }
+        return web.json_response(ranks, headers=headers)
+
+    def _encode_pair(
+        self, query: str, text: str, truncate: bool, left: bool
+    ) -> tuple[str, str, int]:
+        """Tokenization/validation of one (query, text) pair -> (query, text) as scored and
+        the token count."""
+        if query == "" and text == "":
+            raise _Reject(tei_error("Empty", _VALIDATION_PREFIX + "`inputs` cannot be empty"))
+        limit = self.max_input_length * _CHAR_MULTIPLIER
+        chars = len(query) + len(text)
+        if chars > limit:
+            if not truncate:
+                msg = f"`inputs` must have less than {limit} characters. Given: {chars}"
+                raise _Reject(tei_error("Validation", _VALIDATION_PREFIX + msg))
+            query, text = query[: limit // 2], text[: limit // 2]
+        first, second = query.split(), text.split()
+        total = len(first) + len(second)
+        if total > self.max_input_length:
+            if not truncate:
+                msg = f"`inputs` must have less than {self.max_input_length} tokens. Given: {total}"
+                raise _Reject(tei_error("Validation", _VALIDATION_PREFIX + msg))
+            while len(first) + len(second) > self.max_input_length:  # LongestFirst
+                longer = first if len(first) > len(second) else second
+                longer.pop(0 if left else -1)
+            return " ".join(first), " ".join(second), self.max_input_length
+        return query, text, total

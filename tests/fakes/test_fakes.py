@@ -289,6 +289,95 @@ def test_tei_root_and_invocations_embed(tei: FakeTEI) -> None:
     assert httpx.get(f"{tei.url}/").status_code == 200  # GET / is a health route
 
 
+# --------------------------------------------------------------------- TEI rerank
+
+
+@pytest.fixture
+def reranker() -> Iterator[FakeTEI]:
+    with FakeTEI(model_type="reranker", max_input_length=8, max_client_batch_size=4) as fake:
+        yield fake
+
+
+def test_tei_rerank_wire_format(reranker: FakeTEI) -> None:
+    texts = ["alpha beta", "gamma", "delta epsilon zeta"]
+    r = httpx.post(f"{reranker.url}/rerank", json={"query": "q w", "texts": texts})
+    assert r.status_code == 200
+    assert r.headers["x-compute-tokens"] == str(2 * 3 + 2 + 1 + 3)
+    assert r.headers["x-compute-characters"] == str(3 * 3 + sum(len(t) for t in texts))
+    ranks = r.json()
+    assert all(set(rank) == {"index", "score"} for rank in ranks)
+    assert sorted(rank["index"] for rank in ranks) == [0, 1, 2]
+    assert [rank["score"] for rank in ranks] == sorted((r["score"] for r in ranks), reverse=True)
+    for rank in ranks:
+        score = reranker.score_for("q w", texts[rank["index"]])
+        assert rank["score"] == score and 0 < score < 1
+    r = httpx.post(
+        f"{reranker.url}/rerank",
+        json={"query": "q w", "texts": texts, "raw_scores": True, "return_text": True},
+    )
+    for rank in r.json():
+        assert rank["text"] == texts[rank["index"]]
+        assert rank["score"] == reranker.score_for("q w", rank["text"], raw_scores=True)
+    assert any(rank["score"] < 0 or rank["score"] > 1 for rank in r.json())
+
+
+def test_tei_rerank_equal_scores_come_back_in_descending_index_order(reranker: FakeTEI) -> None:
+    r = httpx.post(f"{reranker.url}/rerank", json={"query": "q", "texts": ["same"] * 3})
+    assert [rank["index"] for rank in r.json()] == [2, 1, 0]
+
+
+def test_tei_rerank_rejections(reranker: FakeTEI) -> None:
+    r = httpx.post(f"{reranker.url}/rerank", json={"query": "q", "texts": []})
+    assert (r.status_code, r.json()) == (
+        400,
+        {"error": "`texts` cannot be empty", "error_type": "Empty"},
+    )
+    r = httpx.post(f"{reranker.url}/rerank", json={"query": "q", "texts": ["a"] * 5})
+    assert (r.status_code, r.json()["error_type"]) == (413, "Validation")
+    assert r.json()["error"] == "batch size 5 > maximum allowed batch size 4"
+    r = httpx.post(f"{reranker.url}/rerank", json={"texts": ["a"]})
+    assert r.status_code == 422 and "missing field `query`" in r.text
+    r = httpx.post(f"{reranker.url}/embed", json={"inputs": "x"})
+    assert (r.status_code, r.json()) == (
+        424,
+        {"error": "Backend error: Model is not an embedding model", "error_type": "Backend"},
+    )
+    with FakeTEI() as embedder:
+        r = httpx.post(f"{embedder.url}/rerank", json={"query": "q", "texts": ["a"]})
+        assert (r.status_code, r.json()) == (
+            424,
+            {"error": "Backend error: model is not a re-ranker model", "error_type": "Backend"},
+        )
+
+
+def test_tei_rerank_truncation(reranker: FakeTEI) -> None:
+    query, text = "q1 q2 q3", " ".join(f"w{i}" for i in range(10))
+    r = httpx.post(f"{reranker.url}/rerank", json={"query": query, "texts": [text]})
+    assert r.status_code == 413
+    assert r.json()["error"] == (
+        "Input validation error: `inputs` must have less than 8 tokens. Given: 13"
+    )
+    r = httpx.post(
+        f"{reranker.url}/rerank", json={"query": query, "texts": [text], "truncate": True}
+    )
+    # LongestFirst: the longer side (the text) loses words until the pair fits.
+    assert r.json()[0]["score"] == reranker.score_for("q1 q2 q3", "w0 w1 w2 w3 w4")
+    assert r.headers["x-compute-tokens"] == "8"
+
+
+def test_tei_reranker_info_routes_and_failures(reranker: FakeTEI) -> None:
+    info = httpx.get(f"{reranker.url}/info").json()
+    assert info["model_type"] == {
+        "reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    }
+    for path in ("/", "/invocations"):
+        r = httpx.post(f"{reranker.url}{path}", json={"query": "q", "texts": ["a"]})
+        assert r.json()[0]["score"] == reranker.score_for("q", "a")
+    reranker.fail_next_tei("Overloaded", "Model is overloaded")
+    r = httpx.post(f"{reranker.url}/rerank", json={"query": "q", "texts": ["a"]})
+    assert r.status_code == 429
+
+
 # ------------------------------------------------------------------------- Ollama
 
 
