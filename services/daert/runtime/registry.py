@@ -28,6 +28,7 @@ def default_metrics_port(service: str) -> int:
 # name -> module exposing SPEC. Later services add a line here as they land.
 SERVICES: dict[str, str] = {
     "embedding": "daert.embedding.app",
+    "rerank": "daert.rerank.app",
     "sandbox": "daert.sandbox.app",
 }
 

@@ -1,0 +1,118 @@
+"""RerankService: request validation and wiring; scoring lives in `backends/`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import grpc
+
+from daert.rerank.config import RerankSettings
+from daert.rerank.models import ServedModel, ranked
+from daert.runtime.errors import NotFound, Unavailable
+from daert.runtime.validation import require
+from daert.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
+
+
+class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
+    def __init__(self, settings: RerankSettings) -> None:
+        self._settings = settings
+        self._models = {m.name: ServedModel(m, settings) for m in settings.models}
+        self._default = settings.models[0].name
+
+    # --- the runtime's Service protocol -------------------------------------------------
+
+    def add_to_server(self, server: grpc.aio.Server) -> Sequence[str]:
+        rerank_pb2_grpc.add_RerankServiceServicer_to_server(self, server)
+        return [rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_name]
+
+    async def start(self) -> None:
+        await asyncio.gather(*(model.start() for model in self._models.values()))
+
+    async def ready(self) -> bool:
+        """Ready when the default model answers; every model's state shows in ListModels."""
+        await asyncio.gather(*(model.check_ready() for model in self._models.values()))
+        return self._models[self._default].ready
+
+    async def close(self) -> None:
+        await asyncio.gather(*(model.close() for model in self._models.values()))
+
+    # --- RPCs ------------------------------------------------------------------------------
+
+    async def Rerank(
+        self, request: rerank_pb2.RerankRequest, context: grpc.aio.ServicerContext
+    ) -> rerank_pb2.RerankResponse:
+        model = self._model(request.model)
+        documents = self._validated_documents(request, model)
+        require(request.top_n >= 0, "top_n", "must be 0 (all) or positive")
+        if model.backend.info is None:
+            raise Unavailable(f"model {model.config.name!r} is not ready yet")
+
+        limit = self._settings.max_document_chars
+        scored = await model.backend.score(request.query, [d[:limit] for d in documents])
+        results = [
+            rerank_pb2.RerankResult(
+                index=index,
+                score=score,
+                document=documents[index] if request.return_documents else "",
+            )
+            for index, score in ranked(scored.scores, request.top_n)
+        ]
+        tokens = scored.tokens or 0
+        return rerank_pb2.RerankResponse(
+            results=results,
+            model=model.config.name,
+            usage=common_pb2.Usage(prompt_tokens=tokens, total_tokens=tokens),
+        )
+
+    async def ListModels(
+        self,
+        request: rerank_pb2.RerankServiceListModelsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> rerank_pb2.RerankServiceListModelsResponse:
+        models = []
+        for name, model in self._models.items():
+            info = model.backend.info
+            models.append(
+                rerank_pb2.RerankModel(
+                    name=name,
+                    backend=model.backend.kind,
+                    max_documents=model.config.max_documents,
+                    max_input_tokens=info.max_input_tokens if info else 0,
+                    is_default=name == self._default,
+                    ready=model.ready,
+                )
+            )
+        return rerank_pb2.RerankServiceListModelsResponse(models=models)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _model(self, name: str) -> ServedModel:
+        model = self._models.get(name or self._default)
+        if model is None:
+            known = ", ".join(self._models)
+            raise NotFound(f"model {name!r} is not served here; known models: {known}")
+        return model
+
+    def _validated_documents(
+        self, request: rerank_pb2.RerankRequest, model: ServedModel
+    ) -> list[str]:
+        require(bool(request.query.strip()), "query", "must not be empty or blank")
+        documents = list(request.documents)
+        limit = model.config.max_documents
+        require(len(documents) > 0, "documents", "at least one document is required")
+        require(
+            len(documents) <= limit,
+            "documents",
+            f"{len(documents)} documents; model {model.config.name!r} takes at most {limit}",
+        )
+        for i, document in enumerate(documents):
+            require(bool(document.strip()), f"documents[{i}]", "must not be empty or blank")
+        total = len(request.query) + sum(len(d) for d in documents)
+        max_chars = self._settings.max_request_chars
+        require(
+            total <= max_chars,
+            "documents",
+            f"{total} characters with the query; at most {max_chars} per request",
+        )
+        return documents
