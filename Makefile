@@ -82,6 +82,7 @@ proto: setup ## regenerate the Python stubs from proto/
 
 bench: setup ## print benchmark figures (see bench/)
 	$(PY) bench/embedding_bench.py
+	$(PY) bench/retrieval_bench.py
 	$(PY) bench/rerank_bench.py
 	$(PY) bench/sandbox_bench.py
 

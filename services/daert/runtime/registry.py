@@ -29,6 +29,7 @@ def default_metrics_port(service: str) -> int:
 SERVICES: dict[str, str] = {
     "embedding": "daert.embedding.app",
     "rerank": "daert.rerank.app",
+    "retrieval": "daert.retrieval.app",
     "sandbox": "daert.sandbox.app",
 }
 

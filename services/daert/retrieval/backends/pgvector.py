@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -71,12 +72,14 @@ class PgvectorBackend:
             max_size=settings.pool_max_size,
             kwargs={"autocommit": True, "connect_timeout": self._connect_timeout},
             configure=register_vector_async,
-            # A connection broken by a database restart is replaced, not handed out.
-            check=psycopg_pool.AsyncConnectionPool.check_connection,
             timeout=settings.connect_timeout_s,
             open=False,
         )
         self._schema_ready = False
+        # hnsw.ef_search as last set on each pooled connection.
+        self._ef_search: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], int] = (
+            weakref.WeakKeyDictionary()
+        )
         # (tenant, name) -> catalog entry. Collections are immutable once created, so the
         # only staleness is a collection dropped by another replica, caught on use.
         self._catalog: dict[tuple[str, str], _Stored] = {}
@@ -129,6 +132,10 @@ class PgvectorBackend:
         except psycopg.errors.QueryCanceled:
             raise DeadlineExceeded("the database query was cancelled") from None
         except psycopg.OperationalError as exc:
+            # Connections broken by a database restart are dropped here, so at most the
+            # calls already holding one fail (UNAVAILABLE, which clients retry); checking
+            # every connection before use would cost a round trip per call instead.
+            await self._pool.check()
             raise Unavailable(f"PostgreSQL connection failed: {exc}") from None
 
     # --- collections -----------------------------------------------------------------------
@@ -389,10 +396,14 @@ class PgvectorBackend:
     ) -> list[ScoredChunk]:
         operator = sql.SQL(_DISTANCE_OPERATOR[spec.metric])
         condition, params = _condition(where)
-        # ef_search is a transaction-local setting; the pipeline sends it with the query in
-        # one round trip.
-        async with self._table(spec) as (conn, table), conn.pipeline(), conn.transaction():
-            await conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef_search),))
+        async with self._table(spec) as (conn, table):
+            # A session setting, changed only when this call needs another value than the
+            # connection's last one: most calls are then a single statement.
+            if self._ef_search.get(conn) != ef_search:
+                await conn.execute(
+                    "SELECT set_config('hnsw.ef_search', %s, false)", (str(ef_search),)
+                )
+                self._ef_search[conn] = ef_search
             cursor = await conn.execute(
                 sql.SQL(
                     "SELECT {columns}, embedding {op} %s AS distance FROM {table} "
