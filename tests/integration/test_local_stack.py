@@ -23,6 +23,8 @@ def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path
         env[f"DAERT_{service.upper()}_PORT"] = str(ports[service][0])
         env[f"DAERT_{service.upper()}_METRICS_PORT"] = str(ports[service][1])
     grpc_port = ports["embedding"][0]
+    env.pop("DAERT_RETRIEVAL_DSN", None)  # so that `up` starts its embedded PostgreSQL
+    env["DAERT_STATE_DIR"] = str(tmp_path / "state")
     out = (tmp_path / "up.out").open("w+")
     up = subprocess.Popen(
         [sys.executable, "-m", "daert", "up"],
@@ -73,6 +75,22 @@ def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path
             timeout=30,
         )
         assert json.loads(result.stdout)["stdout"] == "42\n"
+        result = subprocess.run(
+            [
+                str(grpcurl),
+                "-plaintext",
+                "-d",
+                '{"collection": "notes", "dimensions": 3}',
+                f"localhost:{ports['retrieval'][0]}",
+                "daert.v1.RetrievalService/CreateCollection",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        assert json.loads(result.stdout)["created"] is True
+        assert (tmp_path / "state" / "pgdata" / "PG_VERSION").exists()
 
         up.send_signal(signal.SIGTERM)
         assert up.wait(60) == 0
@@ -82,6 +100,8 @@ def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path
             ["pgrep", "-s", str(up.pid)], capture_output=True, text=True
         ).stdout.split()
         assert survivors == []
+        # The embedded PostgreSQL was stopped too.
+        assert not (tmp_path / "state" / "pgdata" / "postmaster.pid").exists()
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)

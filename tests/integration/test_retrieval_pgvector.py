@@ -3,6 +3,7 @@ comes back while the service runs. Each test here owns its PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,3 +173,42 @@ async def test_text_search_language_must_exist(postgres: EmbeddedPostgres) -> No
             )
             assert german.collection.text_search_language == "german"
             assert [h.chunk.id for h in hits.hits] == ["h"]
+
+
+async def test_deadline_cancels_the_database_query(own_postgres: EmbeddedPostgres) -> None:
+    """A caller's deadline reaches PostgreSQL: the blocked query is cancelled there, not
+    left running after the caller has gone."""
+    with _server(own_postgres.dsn) as server:
+        server.wait_health("SERVING")
+        async with RetrievalClient(server.target, max_attempts=1) as client:
+            await client.stub.CreateCollection(
+                retrieval_pb2.CreateCollectionRequest(collection="locked", dimensions=3)
+            )
+            await _upsert_one(client, "locked", "x")
+            with psycopg.connect(own_postgres.dsn, autocommit=True) as admin:
+                (table_id,) = admin.execute("SELECT id FROM daert_collections").fetchone() or (0,)
+                with admin.transaction():
+                    # Hold a lock every read of the table must wait for.
+                    admin.execute(f"LOCK TABLE daert_chunks_{table_id} IN ACCESS EXCLUSIVE MODE")
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await client.stub.Search(
+                            retrieval_pb2.SearchRequest(collection="locked", query_text="x"),
+                            timeout=1.0,
+                        )
+                    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    deadline = time.monotonic() + 2.0
+                    waiting = None
+                    while time.monotonic() < deadline:
+                        waiting = admin.execute(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+                        ).fetchone()
+                        if waiting == (0,):
+                            break
+                        await asyncio.sleep(0.1)
+                    assert waiting == (0,), "the query kept waiting after the caller gave up"
+            # The connection that ran the cancelled query is fine for the next call.
+            hits = await client.stub.Search(
+                retrieval_pb2.SearchRequest(collection="locked", query_text="x")
+            )
+            assert [h.chunk.id for h in hits.hits] == ["x"]
