@@ -59,7 +59,10 @@ class RetrievalSettings(ServerSettings):
         100_000, gt=0, description="Longest chunk text accepted, in characters."
     )
     max_dimensions: int = Field(
-        4096, gt=0, description="Largest vector length a collection may have."
+        2000,
+        gt=0,
+        description="Largest vector length a collection may have (pgvector's HNSW index "
+        "takes at most 2000).",
     )
     default_hnsw_m: int = Field(16, ge=2, le=100, description="HNSW links per node.")
     default_hnsw_ef_construction: int = Field(
