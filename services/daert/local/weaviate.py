@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +27,8 @@ _PORT_NAMES = ("http", "grpc", "gossip", "data", "raft", "raft_internal", "profi
 
 
 def find_binary() -> Path:
-    """`DAERT_WEAVIATE_BIN`, else the newest ~/.cache/daert/tools/weaviate-*/weaviate-server."""
+    """`DAERT_WEAVIATE_BIN`, else the newest ~/.cache/daert/tools/weaviate-*/weaviate-server,
+    else `weaviate-server` on PATH (make puts .tools/bin there)."""
     configured = os.environ.get(WEAVIATE_BIN_ENV)
     if configured:
         path = Path(configured)
@@ -34,12 +36,15 @@ def find_binary() -> Path:
             raise RuntimeError(f"{WEAVIATE_BIN_ENV}={configured} is not an executable file")
         return path
     built = [p for p in TOOLS_CACHE.glob("weaviate-*/weaviate-server") if os.access(p, os.X_OK)]
-    if not built:
-        raise RuntimeError(
-            f"weaviate-server not found in {TOOLS_CACHE}/weaviate-*/: run `make setup` "
-            f"(it builds it with go install) or set {WEAVIATE_BIN_ENV}"
-        )
-    return max(built, key=lambda p: _version_key(p.parent.name))
+    if built:
+        return max(built, key=lambda p: _version_key(p.parent.name))
+    on_path = shutil.which("weaviate-server")
+    if on_path:
+        return Path(on_path)
+    raise RuntimeError(
+        f"weaviate-server not found in {TOOLS_CACHE}/weaviate-*/ nor on PATH: run `make setup` "
+        f"(it builds it with go install) or set {WEAVIATE_BIN_ENV}"
+    )
 
 
 def _version_key(folder: str) -> tuple[int, ...]:
@@ -142,7 +147,7 @@ class EmbeddedWeaviate:
                 pass
             time.sleep(0.1)
         raise RuntimeError(
-            f"the embedded Weaviate in {self.data_dir} was not ready within {timeout_s:.0f}s; "
+            f"the embedded Weaviate in {self.data_dir} was not ready within {timeout_s:g} s; "
             f"see {self.log_path}"
         )
 

@@ -119,7 +119,7 @@ MAX_BATCH_OBJECTS = 200
 MAX_BATCH_BYTES = 8 * 1024 * 1024  # a rough bound per insert request (gRPC limit: 100 MiB)
 # A call still running after this long makes us probe the server: the client retries
 # refused gRPC calls for about a minute, and a server that is down should be UNAVAILABLE now.
-PROBE_AFTER_S = 1.0
+PROBE_AFTER_S = 0.5
 _RETURNED = ["chunk_id", "document_id", "text", "metadata_json"]
 _NO_UUID = UUID(int=0)  # never a uuid5: `id != it` matches every chunk
 
@@ -380,7 +380,7 @@ class WeaviateBackend:
 
     def _translate(self, exc: Exception, spec: CollectionSpec | None) -> Exception:
         message = _describe(exc)
-        lowered = message.lower()
+        lowered = _chain_text(exc)
         if isinstance(exc, WeaviateTimeoutError | TimeoutError) or "deadline exceeded" in lowered:
             return DeadlineExceeded(f"Weaviate did not answer in time: {message}")
         if isinstance(
@@ -912,11 +912,24 @@ def _consume(task: asyncio.Future[Any]) -> None:
 
 
 def _describe(exc: BaseException) -> str:
+    """The message of the root cause (the client's own wrappers add little but noise)."""
+    while exc.__cause__ is not None and str(exc.__cause__).strip():
+        exc = exc.__cause__
     return str(exc).strip() or type(exc).__name__
 
 
+def _chain_text(exc: BaseException) -> str:
+    """Every message along the chain of causes, lower-cased: what errors are matched on."""
+    parts = []
+    cause: BaseException | None = exc
+    while cause is not None:
+        parts.append(str(cause))
+        cause = cause.__cause__
+    return " | ".join(parts).lower()
+
+
 def _is_missing(exc: BaseException) -> bool:
-    message = str(exc).lower()
+    message = _chain_text(exc)
     return "tenant not found" in message or "could not find class" in message
 
 
