@@ -11,6 +11,8 @@ TOOLS_CACHE ?= $(HOME)/.cache/daert/tools
 TOOLS := .tools/bin
 BUF_VERSION := v1.60.0
 GRPCURL_VERSION := v1.9.4
+# The embedded Weaviate that `make up` and the tests run for DAERT_RETRIEVAL_BACKEND=weaviate.
+WEAVIATE_VERSION := v1.35.2
 
 # The packages sandboxed code may import, installed outside the clone, one folder per version
 # of the list. As root, sandboxes run as uids of their own, which cannot read root's home.
@@ -29,7 +31,7 @@ export DAERT_SANDBOX_PACKAGES_DIR ?= $(SANDBOX_PACKAGES)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: system-packages $(VENV)/.installed $(SANDBOX_PACKAGES)/.installed $(TOOLS)/buf $(TOOLS)/grpcurl ## Debian packages, venv, Python deps, Go tools (idempotent)
+setup: system-packages $(VENV)/.installed $(SANDBOX_PACKAGES)/.installed $(TOOLS)/buf $(TOOLS)/grpcurl $(TOOLS)/weaviate-server ## Debian packages, venv, Python deps, Go tools (idempotent)
 
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -60,6 +62,16 @@ $(TOOLS)/$(1):
 endef
 $(eval $(call go_tool,buf,github.com/bufbuild/buf/cmd/buf,$(BUF_VERSION)))
 $(eval $(call go_tool,grpcurl,github.com/fullstorydev/grpcurl/cmd/grpcurl,$(GRPCURL_VERSION)))
+
+# The same for weaviate-server, cached as weaviate-<version>/weaviate-server (about three
+# minutes to build the first time). daert.local.weaviate finds it there.
+$(TOOLS)/weaviate-server:
+	@mkdir -p $(TOOLS) $(TOOLS_CACHE)/weaviate-$(WEAVIATE_VERSION)
+	@test -x $(TOOLS_CACHE)/weaviate-$(WEAVIATE_VERSION)/weaviate-server || { \
+	  echo "building weaviate-server $(WEAVIATE_VERSION) with go install (a few minutes)"; \
+	  GOBIN=$(TOOLS_CACHE)/weaviate-$(WEAVIATE_VERSION) \
+	    go install github.com/weaviate/weaviate/cmd/weaviate-server@$(WEAVIATE_VERSION); }
+	@ln -sfn $(TOOLS_CACHE)/weaviate-$(WEAVIATE_VERSION)/weaviate-server $@
 
 up: setup ## run the whole stack locally (Ctrl-C stops it)
 	$(VENV)/bin/daert up
