@@ -88,6 +88,8 @@ class EmbeddedWeaviate:
             "AUTHENTICATION_ANONYMOUS_ACCESS_ENABLED": "true",
             "AUTHENTICATION_APIKEY_ENABLED": "false",
             "DEFAULT_VECTORIZER_MODULE": "none",
+            # Properties are defined by the retrieval service, never guessed from data.
+            "AUTOSCHEMA_ENABLED": "false",
             "ENABLE_MODULES": "",
             "QUERY_DEFAULTS_LIMIT": "25",
             "DISABLE_TELEMETRY": "true",

@@ -429,9 +429,15 @@ class WeaviateBackend:
 
     async def _read_catalog(self, tenant: str, name: str) -> CollectionInfo | None:
         client = await self._connected()
-        found = await client.collections.use(CATALOG).query.fetch_object_by_id(
-            catalog_uuid(tenant, name)
-        )
+        try:
+            found = await client.collections.use(CATALOG).query.fetch_object_by_id(
+                catalog_uuid(tenant, name)
+            )
+        except WeaviateBaseError as exc:
+            if not _is_missing(exc):
+                raise
+            await self._ensure_catalog(client)  # a Weaviate that lost its data: start afresh
+            return None
         return _info(found.properties) if found is not None else None
 
     def _lock(self, weaviate_class: str) -> asyncio.Lock:
@@ -563,12 +569,18 @@ class WeaviateBackend:
 
     async def _list_collections(self, tenant: str) -> list[CollectionInfo]:
         client = await self._connected()
-        objects = await _fetch_all(
-            client.collections.use(CATALOG),
-            WeaviateFilter.by_property("tenant_key").equal(weaviate_tenant(tenant)),
-            properties=None,
-            include_vectors=False,
-        )
+        try:
+            objects = await _fetch_all(
+                client.collections.use(CATALOG),
+                WeaviateFilter.by_property("tenant_key").equal(weaviate_tenant(tenant)),
+                properties=None,
+                include_vectors=False,
+            )
+        except WeaviateBaseError as exc:
+            if not _is_missing(exc):
+                raise
+            await self._ensure_catalog(client)  # a Weaviate that lost its data: start afresh
+            return []
         infos = sorted((_info(o.properties) for o in objects), key=lambda i: i.spec.name)
         return list(await asyncio.gather(*(self._with_counts(info, True) for info in infos)))
 
@@ -682,7 +694,10 @@ class WeaviateBackend:
         explicitly, as Weaviate's auto-schema would guess other types and tokenization."""
         weaviate_class = class_name(spec.name)
         wanted = set(names)
-        if wanted <= await self._known_properties(weaviate_class):
+        # Read afresh, not from the cache: another replica may have dropped and created the
+        # collection again without them, and Weaviate's auto-schema would make up a property
+        # written without being defined.
+        if wanted <= await self._known_properties(weaviate_class, refresh=True):
             return
         async with self._lock(weaviate_class):
             known = await self._known_properties(weaviate_class, refresh=True)
