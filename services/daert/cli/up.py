@@ -3,8 +3,9 @@
 Starts each service with its embedded defaults, waits until grpc.health.v1 says SERVING,
 prints the endpoints and a first call to try, and on Ctrl-C or SIGTERM drains them all.
 If one service dies, the others are stopped too: a half-running stack only confuses.
-Data services the chosen services need and were not pointed at (an embedded PostgreSQL for
-retrieval) are started first, with their data under the state folder, and stopped last.
+Data services the chosen services need and were not pointed at (retrieval's embedded
+PostgreSQL, or Weaviate) are started first, with their data under the state folder, and
+stopped last.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from daert.local.postgres import EmbeddedPostgres
+from daert.local.weaviate import EmbeddedWeaviate
 from daert.runtime.registry import load_spec
 from daert.runtime.service import ServiceSpec
 from daert.runtime.settings import ConfigError, ServerSettings, load_settings
@@ -122,12 +124,21 @@ def _start_data_services(names: list[str], state_dir: Path) -> list[Callable[[],
     """Start what the services need and have no address for; returns how to stop each.
     The addresses go into this process's environment, which the services inherit."""
     stops: list[Callable[[], None]] = []
-    wants_pgvector = os.environ.get("DAERT_RETRIEVAL_BACKEND", "pgvector") == "pgvector"
-    if "retrieval" in names and wants_pgvector and not os.environ.get("DAERT_RETRIEVAL_DSN"):
+    if "retrieval" not in names:
+        return stops
+    backend = os.environ.get("DAERT_RETRIEVAL_BACKEND", "pgvector")
+    if backend == "pgvector" and not os.environ.get("DAERT_RETRIEVAL_DSN"):
         postgres = EmbeddedPostgres(state_dir / "pgdata")
         os.environ["DAERT_RETRIEVAL_DSN"] = postgres.start()
         stops.append(postgres.stop)
         _say(f"started the embedded PostgreSQL + pgvector (data in {postgres.data_dir})")
+    if backend == "weaviate" and not os.environ.get("DAERT_RETRIEVAL_WEAVIATE_URL"):
+        weaviate = EmbeddedWeaviate(state_dir / "weaviate")
+        url, grpc_port = weaviate.start()
+        os.environ["DAERT_RETRIEVAL_WEAVIATE_URL"] = url
+        os.environ["DAERT_RETRIEVAL_WEAVIATE_GRPC_PORT"] = str(grpc_port)
+        stops.append(weaviate.stop)
+        _say(f"started the embedded Weaviate at {url} (data in {weaviate.data_dir})")
     return stops
 
 

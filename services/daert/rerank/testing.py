@@ -46,12 +46,13 @@ def build_cross_encoder(
 ) -> int:
     """Write the model and its tokenizer into `folder`; return its parameter count."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab_file = folder / "vocab.txt"
     vocab_file.write_text("\n".join(_vocabulary(words)) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(vocab_file), do_lower_case=True)
+    # transformers 5: BertTokenizer is the fast (tokenizers) one; it takes `vocab=`.
+    tokenizer = BertTokenizer(vocab=str(vocab_file), do_lower_case=True)
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
         hidden_size=hidden_size,
@@ -59,10 +60,10 @@ def build_cross_encoder(
         num_attention_heads=heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
-        num_labels=1,
         # Wider than BERT's 0.02, so random logits spread instead of all sitting near 0.
         initializer_range=0.2,
     )
+    config.num_labels = 1  # one relevance logit
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = BertForSequenceClassification(config)
