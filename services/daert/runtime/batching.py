@@ -127,8 +127,11 @@ class MicroBatcher(Generic[K, T, R]):
             if remaining <= 0:
                 return
             self._arrived.clear()
+            # Not wait_for: on Python 3.11 it can swallow a cancellation (close) that
+            # coincides with an arrival.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
 
     async def _work(self) -> None:
         # Waiting for a batch to fill only pays when there is company: a lone caller would

@@ -53,16 +53,21 @@ class _Readiness:
 
     async def run(self, interval_s: float, service_label: str) -> None:
         await self._set(False, service_label)
+        # asyncio.timeout rather than wait_for: on Python 3.11, wait_for can swallow this
+        # task's cancellation when the awaited thing completes at the same moment (as the
+        # recheck event does when start-up fails), and shutdown then waits forever.
         while True:
             try:
-                ready = await asyncio.wait_for(self._service.ready(), timeout=interval_s)
+                async with asyncio.timeout(interval_s):
+                    ready = await self._service.ready()
             except Exception as exc:  # a failing check means "not ready", never a crash
                 log.warning("readiness check failed: %s", str(exc) or type(exc).__name__)
                 ready = False
             await self._set(ready, service_label)
             self._recheck.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._recheck.wait(), timeout=interval_s)
+                async with asyncio.timeout(interval_s):
+                    await self._recheck.wait()
 
 
 async def run_server(name: str, service: Service, settings: ServerSettings) -> int:
