@@ -11,6 +11,8 @@ TOOLS_CACHE ?= $(HOME)/.cache/daert/tools
 TOOLS := .tools/bin
 BUF_VERSION := v1.60.0
 GRPCURL_VERSION := v1.9.4
+# helm renders and lints the chart, and is what `daert deploy` (pyhelm3) drives.
+HELM_VERSION := v3.21.4
 # The embedded Weaviate that `make up` and the tests run for DAERT_RETRIEVAL_BACKEND=weaviate.
 WEAVIATE_VERSION := v1.35.2
 
@@ -31,7 +33,7 @@ export DAERT_SANDBOX_PACKAGES_DIR ?= $(SANDBOX_PACKAGES)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: system-packages $(VENV)/.installed $(SANDBOX_PACKAGES)/.installed $(TOOLS)/buf $(TOOLS)/grpcurl $(TOOLS)/weaviate-server ## Debian packages, venv, Python deps, Go tools (idempotent)
+setup: system-packages $(VENV)/.installed $(SANDBOX_PACKAGES)/.installed $(TOOLS)/buf $(TOOLS)/grpcurl $(TOOLS)/helm $(TOOLS)/weaviate-server ## Debian packages, venv, Python deps, Go tools (idempotent)
 
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -62,6 +64,7 @@ $(TOOLS)/$(1):
 endef
 $(eval $(call go_tool,buf,github.com/bufbuild/buf/cmd/buf,$(BUF_VERSION)))
 $(eval $(call go_tool,grpcurl,github.com/fullstorydev/grpcurl/cmd/grpcurl,$(GRPCURL_VERSION)))
+$(eval $(call go_tool,helm,helm.sh/helm/v3/cmd/helm,$(HELM_VERSION)))
 
 # The same for weaviate-server, cached as weaviate-<version>/weaviate-server (about three
 # minutes to build the first time). daert.local.weaviate finds it there.
