@@ -1,4 +1,5 @@
-"""The `daert` command: `serve` one service, or bring the whole local stack `up`."""
+"""The `daert` command: `serve` one service, bring the whole local stack `up`, or `deploy`
+the Helm chart onto a cluster (and see its `status`, `uninstall` it)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from daert.cli import deploy
 from daert.runtime.registry import SERVICES
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daert", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -28,11 +30,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "or .daert/state)",
     )
 
-    args = parser.parse_args(argv)
+    deploy.add_parsers(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "serve":
         from daert.runtime.server import serve as serve_service
 
         return serve_service(args.service)
-    from daert.cli.up import run_stack
+    if args.command == "up":
+        from daert.cli.up import run_stack
 
-    return run_stack(args.only or sorted(SERVICES), args.ready_timeout, args.state_dir)
+        return run_stack(args.only or sorted(SERVICES), args.ready_timeout, args.state_dir)
+    return deploy.run(args)
