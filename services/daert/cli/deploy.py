@@ -383,11 +383,6 @@ def _dump_manifests(resources: Iterable[Any]) -> str:
     return text
 
 
-def _chart_line(metadata: Any) -> str:
-    app = metadata.app_version or "-"
-    return f"chart {metadata.name}-{metadata.version}, app version {app}"
-
-
 def _revision_summary(revision: Any, metadata: Any) -> list[str]:
     release = revision.release
     updated = revision.updated.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
