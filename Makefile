@@ -64,7 +64,22 @@ $(TOOLS)/$(1):
 endef
 $(eval $(call go_tool,buf,github.com/bufbuild/buf/cmd/buf,$(BUF_VERSION)))
 $(eval $(call go_tool,grpcurl,github.com/fullstorydev/grpcurl/cmd/grpcurl,$(GRPCURL_VERSION)))
-$(eval $(call go_tool,helm,helm.sh/helm/v3/cmd/helm,$(HELM_VERSION)))
+
+# helm, with the link-time values its own Makefile sets: without them it reports "v3.21"
+# (which pyhelm3 cannot parse) and renders offline for Kubernetes 1.20. 1.36 is the
+# Kubernetes release of the client-go (v0.36) that helm v3.21.4 is built against.
+HELM_K8S := -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
+  -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=36 \
+  -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 \
+  -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=36
+HELM_LDFLAGS := -X helm.sh/helm/v3/internal/version.version=$(HELM_VERSION) \
+  -X helm.sh/helm/v3/internal/version.metadata= $(HELM_K8S)
+HELM_CACHE := $(TOOLS_CACHE)/helm-$(HELM_VERSION)-k8s1.36
+$(TOOLS)/helm:
+	@mkdir -p $(TOOLS) $(HELM_CACHE)
+	@test -x $(HELM_CACHE)/helm || { echo "building helm $(HELM_VERSION) with go install"; \
+	  GOBIN=$(HELM_CACHE) go install -ldflags "$(HELM_LDFLAGS)" helm.sh/helm/v3/cmd/helm@$(HELM_VERSION); }
+	@ln -sfn $(HELM_CACHE)/helm $@
 
 # The same for weaviate-server, cached as weaviate-<version>/weaviate-server (about three
 # minutes to build the first time). daert.local.weaviate finds it there.
