@@ -224,18 +224,6 @@ def find_helm(environ: Mapping[str, str] | None = None) -> str:
     return found
 
 
-def _helm_version(helm: str) -> Any:
-    """helm's client version. A helm built with plain `go install` (as `make setup` does)
-    reports only major.minor ("v3.21"), which pyhelm3's strict semver parse rejects."""
-    import semver
-
-    done = subprocess.run(
-        [helm, "version", "--template", "{{ .Version }}"], capture_output=True, check=True
-    )
-    text = done.stdout.decode().strip().removeprefix("v")
-    return semver.Version.parse(text, optional_minor_and_patch=True)
-
-
 def _client(
     helm: str, value_args: Sequence[str] = (), template_args: Sequence[str] = ()
 ) -> tuple[Any, Any]:
@@ -247,9 +235,6 @@ def _client(
     from pyhelm3 import Client, Command  # type: ignore[import-untyped]
 
     class _Command(Command):  # type: ignore[misc]
-        def client_version(self) -> Any:
-            return _helm_version(helm)
-
         async def run(self, command: list[Any], input: bytes | None = None) -> Any:
             if command and command[0] == "template":
                 command = [*command, *value_args, *template_args]
