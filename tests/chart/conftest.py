@@ -7,6 +7,7 @@ import functools
 import hashlib
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,16 @@ NAMESPACE = "ns"
 FULLNAME = f"{RELEASE}-daert"
 
 # Every service the chart knows, with its default gRPC (gateway: HTTP) and metrics ports.
-SERVICES = ["generation", "embedding", "retrieval", "rerank", "sandbox", "context", "lora", "gateway"]
+SERVICES = [
+    "generation",
+    "embedding",
+    "retrieval",
+    "rerank",
+    "sandbox",
+    "context",
+    "lora",
+    "gateway",
+]
 # Services whose server exists today (daert.runtime.registry.SERVICES), on by default.
 DEFAULT_ON = ["embedding", "retrieval", "rerank", "sandbox"]
 
@@ -99,7 +109,7 @@ def _render(
         args += ["-f", str(path)]
     if values_yaml:
         # helm reads "-" as stdin only once; a file is simpler.
-        tmp = REPO / ".pytest_cache" / "chart-values"
+        tmp = Path(tempfile.gettempdir()) / "daert-chart-values"
         tmp.mkdir(parents=True, exist_ok=True)
         path = tmp / f"values-{hashlib.sha256(values_yaml.encode()).hexdigest()[:16]}.yaml"
         path.write_text(values_yaml)

@@ -16,7 +16,6 @@ RELEASE_PEER = {
         "matchLabels": {"app.kubernetes.io/name": "daert", "app.kubernetes.io/instance": RELEASE}
     }
 }
-DNS_PORTS = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
 
 
 def policy(rendered: Any, name: str) -> dict[str, Any]:
@@ -68,7 +67,7 @@ def test_sandbox_egress_cannot_be_configured() -> None:
 def test_each_service_reaches_only_what_it_needs() -> None:
     rendered = render(ALL_ON)
     expected = {
-        "embedding": {"dns": DNS_PORTS and [53, 53]},
+        "embedding": {"dns": [53, 53]},
         "rerank": {"dns": [53, 53]},
         "retrieval": {"dns": [53, 53], "postgresql": [5432]},
         "generation": {"dns": [53, 53], "redis": [6379]},
@@ -96,9 +95,14 @@ def test_ingress_from_the_release_and_metrics_from_monitoring(name: str) -> None
     spec = policy(rendered, name)
     service = rendered.get("Service", f"{FULLNAME}-{name}")["spec"]["ports"]
     port, metrics = service[0]["port"], service[1]["port"]
-    assert spec["ingress"][0] == {"from": [RELEASE_PEER], "ports": [{"port": port, "protocol": "TCP"}]}
+    assert spec["ingress"][0] == {
+        "from": [RELEASE_PEER],
+        "ports": [{"port": port, "protocol": "TCP"}],
+    }
     assert spec["ingress"][1] == {
-        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        "from": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ],
         "ports": [{"port": metrics, "protocol": "TCP"}],
     }
     assert len(spec["ingress"]) == 2
@@ -132,9 +136,10 @@ def test_extra_egress_and_external_stores_and_weaviate() -> None:
         "egress"
     ]
     lora = policy(rendered, "lora")
-    assert {"to": [{"ipBlock": {"cidr": "10.30.0.0/24"}}], "ports": [{"port": 5432, "protocol": "TCP"}]} in lora[
-        "egress"
-    ]
+    assert {
+        "to": [{"ipBlock": {"cidr": "10.30.0.0/24"}}],
+        "ports": [{"port": 5432, "protocol": "TCP"}],
+    } in lora["egress"]
     retrieval = policy(rendered, "retrieval")
     assert egress_components(retrieval) == {"dns": [53, 53], "namespace": [8080, 50051]}
     # No chart-run data stores: external ones are used.
@@ -151,7 +156,10 @@ def test_extra_egress_and_external_stores_and_weaviate() -> None:
             "containers"
         ][0]["env"]
     }
-    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "managed-pg", "key": "password"}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "managed-pg",
+        "key": "password",
+    }
     retrieval_config = rendered.get("ConfigMap", f"{FULLNAME}-retrieval")["data"]
     assert retrieval_config["DAERT_RETRIEVAL_BACKEND"] == "weaviate"
     assert "DAERT_RETRIEVAL_DSN" not in retrieval_config
@@ -198,7 +206,9 @@ def test_no_secret_values_in_config_maps(profile: str) -> None:
         for c in deployment["spec"]["template"]["spec"]["containers"]:
             for entry in c.get("env", []):
                 if SECRET_LIKE.search(entry["name"]) or entry["name"].endswith("_DSN"):
-                    assert "value" not in entry, f"{deployment['metadata']['name']}: {entry['name']}"
+                    assert "value" not in entry, (
+                        f"{deployment['metadata']['name']}: {entry['name']}"
+                    )
                     assert "secretKeyRef" in entry["valueFrom"]
 
 
@@ -284,4 +294,7 @@ def test_existing_secrets_are_not_generated() -> None:
     }
     pg = rendered.get("StatefulSet", f"{FULLNAME}-postgresql")["spec"]["template"]["spec"]
     pg_env = {e["name"]: e for e in pg["containers"][0]["env"]}
-    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "pg-creds", "key": "pw"}
+    assert pg_env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "pg-creds",
+        "key": "pw",
+    }

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from daert.runtime.registry import DEFAULT_PORTS, default_metrics_port
+
 from tests.chart.conftest import (
     ALL_ON,
     DEFAULT_ON,
@@ -168,14 +168,18 @@ def test_disabling_a_service_removes_all_its_objects(name: str) -> None:
     # Nothing else went away.
     others = {(d["kind"], d["metadata"]["name"]) for d in on.docs} - mine
     left = {(d["kind"], d["metadata"]["name"]) for d in off.docs}
-    assert others - left <= {("Secret", f"{FULLNAME}-redis"), ("Deployment", f"{FULLNAME}-redis"),
-                             ("Service", f"{FULLNAME}-redis"), ("NetworkPolicy", f"{FULLNAME}-redis"),
-                             ("Secret", f"{FULLNAME}-postgresql"),
-                             ("StatefulSet", f"{FULLNAME}-postgresql"),
-                             ("Service", f"{FULLNAME}-postgresql"),
-                             ("Service", f"{FULLNAME}-postgresql-headless"),
-                             ("NetworkPolicy", f"{FULLNAME}-postgresql"),
-                             ("PersistentVolumeClaim", f"{FULLNAME}-model-cache")}
+    assert others - left <= {
+        ("Secret", f"{FULLNAME}-redis"),
+        ("Deployment", f"{FULLNAME}-redis"),
+        ("Service", f"{FULLNAME}-redis"),
+        ("NetworkPolicy", f"{FULLNAME}-redis"),
+        ("Secret", f"{FULLNAME}-postgresql"),
+        ("StatefulSet", f"{FULLNAME}-postgresql"),
+        ("Service", f"{FULLNAME}-postgresql"),
+        ("Service", f"{FULLNAME}-postgresql-headless"),
+        ("NetworkPolicy", f"{FULLNAME}-postgresql"),
+        ("PersistentVolumeClaim", f"{FULLNAME}-model-cache"),
+    }
 
 
 def test_prod_profile_is_highly_available() -> None:
@@ -229,7 +233,9 @@ def test_image_overrides_and_digest() -> None:
 def test_autoscaling_needs_a_cpu_request() -> None:
     from tests.chart.conftest import render_error
 
-    error = render_error({"embedding": {"autoscaling": {"enabled": True}, "resources": {"requests": None}}})
+    error = render_error(
+        {"embedding": {"autoscaling": {"enabled": True}, "resources": {"requests": None}}}
+    )
     assert "embedding.autoscaling needs embedding.resources.requests.cpu" in error.stderr
 
 
@@ -244,9 +250,10 @@ def test_model_cache_is_shared_by_embedding_and_rerank() -> None:
         volumes = {v["name"]: v for v in pod["volumes"]}
         mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
         if name in ("embedding", "rerank"):
-            assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == claim[
-                "metadata"
-            ]["name"]
+            assert (
+                volumes["model-cache"]["persistentVolumeClaim"]["claimName"]
+                == claim["metadata"]["name"]
+            )
             assert mounts["model-cache"]["mountPath"] == "/models"
             assert mounts["model-cache"]["readOnly"] is True
         else:

@@ -4,6 +4,7 @@ against the Kubernetes JSON schemas of 1.29 to 1.32 (offline, kubernetes-validat
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import kubernetes_validate
 import pytest
@@ -24,7 +25,7 @@ def test_helm_lint_strict(profile: str) -> None:
     assert "0 chart(s) failed" in out
 
 
-def _profiles() -> dict[str, list]:
+def _profiles() -> dict[str, list[dict[str, Any]]]:
     rendered = {name: render(files=files) for name, files in PROFILES.items()}
     rendered["all-on"] = render(ALL_ON)
     rendered["all-on-prod"] = render(ALL_ON, files=PROFILES["prod"])

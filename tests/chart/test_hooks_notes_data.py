@@ -1,0 +1,264 @@
+"""The `helm test` Pod (its script run here against stub grpcurl/wget), NOTES.txt, the data
+stores, and the daert-full umbrella chart's wiring."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from tests.chart.conftest import (
+    ALL_ON,
+    CHART,
+    DEFAULT_ON,
+    FULL_CHART,
+    FULLNAME,
+    PROFILES,
+    SERVICES,
+    copy_chart,
+    render,
+    run_helm,
+)
+
+# --- helm test ---------------------------------------------------------------------------------
+
+
+def health_pod(values: dict[str, Any]) -> dict[str, Any]:
+    rendered = render(values)
+    (pod,) = [d for d in rendered.of("Pod") if d["metadata"]["name"] == f"{FULLNAME}-test-health"]
+    return pod
+
+
+def test_helm_test_hook_checks_every_enabled_service() -> None:
+    pod = health_pod(ALL_ON)
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (c,) = pod["spec"]["containers"]
+    assert c["image"] == "fullstorydev/grpcurl:v1.9.1-alpine"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    script = c["args"][0]
+    for name in SERVICES:
+        if name == "gateway":
+            assert f"http://{FULLNAME}-gateway:8000/healthz" in script
+        else:
+            port = render(ALL_ON).get("Service", f"{FULLNAME}-{name}")["spec"]["ports"][0]["port"]
+            line = f"{FULLNAME}-{name}:{port} grpc.health.v1.Health/Check"
+            assert script.count(line) == 1, name
+    # Only enabled services are checked.
+    script = health_pod({})["spec"]["containers"][0]["args"][0]
+    assert script.count("grpc.health.v1.Health/Check") == len(DEFAULT_ON)
+    assert "generation" not in script
+
+
+STUB = """#!/bin/sh
+# Stub of {tool}: answers like the real one for the targets in $STUB_DOWN (down) or not.
+for arg in "$@"; do
+  case " $STUB_DOWN " in *" $arg "*)
+    {down}
+  esac
+done
+{up}
+"""
+
+
+@pytest.fixture
+def stub_bin(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = {
+        "grpcurl": (
+            'echo \'{\n  "status": "NOT_SERVING"\n}\'; exit 0',
+            'echo \'{\n  "status": "SERVING"\n}\'',
+        ),
+        "wget": ('echo "wget: server returned error: HTTP/1.1 503" >&2; exit 1', 'echo "{}"'),
+    }
+    for tool, (down, up) in tools.items():
+        path = bin_dir / tool
+        path.write_text(STUB.format(tool=tool, down=down, up=up))
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return bin_dir
+
+
+def run_test_script(stub_bin: Path, down: list[str]) -> subprocess.CompletedProcess[str]:
+    script = health_pod({**ALL_ON, "tests": {"attempts": 1}})["spec"]["containers"][0]["args"][0]
+    env = {"PATH": f"{stub_bin}:{os.environ['PATH']}", "STUB_DOWN": " ".join(down)}
+    return subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_helm_test_script_passes_when_all_serve(stub_bin: Path) -> None:
+    proc = run_test_script(stub_bin, down=[])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok: ") == len(SERVICES)
+
+
+def test_helm_test_script_fails_on_not_serving(stub_bin: Path) -> None:
+    proc = run_test_script(
+        stub_bin, down=[f"{FULLNAME}-rerank:50054", f"http://{FULLNAME}-gateway:8000/healthz"]
+    )
+    assert proc.returncode == 1
+    assert f"FAILED: {FULLNAME}-rerank:50054" in proc.stdout
+    assert f"FAILED: http://{FULLNAME}-gateway:8000/healthz" in proc.stdout
+    assert proc.stdout.count("ok: ") == len(SERVICES) - 2
+
+
+# --- NOTES.txt ---------------------------------------------------------------------------------
+
+
+def render_notes(tmp_path: Path, values_files: list[Path]) -> str:
+    """helm template does not print NOTES.txt: a copy of the chart gets a ConfigMap that
+    includes it, which is rendered instead."""
+    chart = copy_chart(tmp_path)
+    (chart / "templates" / "zz-notes-probe.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+        '  notes: {{ include "daert/templates/NOTES.txt" . | quote }}\n'
+    )
+    args = [
+        "template",
+        "rel",
+        str(chart),
+        "-n",
+        "ns",
+        "--show-only",
+        "templates/zz-notes-probe.yaml",
+    ]
+    for path in values_files:
+        args += ["-f", str(path)]
+    doc = yaml.safe_load(run_helm(*args))
+    notes: str = doc["data"]["notes"]
+    return notes
+
+
+def test_notes_tell_how_to_reach_each_enabled_service(tmp_path: Path) -> None:
+    notes = render_notes(tmp_path, [])
+    for name in DEFAULT_ON:
+        port = render().get("Service", f"{FULLNAME}-{name}")["spec"]["ports"][0]["port"]
+        assert f"kubectl -n ns port-forward svc/{FULLNAME}-{name} {port}:{port}" in notes
+        assert f"grpcurl -plaintext localhost:{port} grpc.health.v1.Health/Check" in notes
+    assert "generation" not in notes
+    assert "helm test rel -n ns" in notes
+    assert "WARNING" not in notes
+    # Without gVisor (the dev profile) the NOTES say that it is not isolation.
+    dev = render_notes(tmp_path / "dev", PROFILES["dev"])
+    assert "WARNING: sandbox.runtimeClassName is empty" in dev
+
+
+# --- data stores -------------------------------------------------------------------------------
+
+
+def test_pgvector_statefulset() -> None:
+    rendered = render()
+    sts = rendered.get("StatefulSet", f"{FULLNAME}-postgresql")
+    pod = sts["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == "pgvector/pgvector:0.8.0-pg16"
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[kind]["exec"]["command"][0] == "pg_isready"
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    assert {m["name"]: m["mountPath"] for m in c["volumeMounts"]}[
+        "data"
+    ] == "/var/lib/postgresql/data"
+    assert c["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert sts["spec"]["serviceName"] == f"{FULLNAME}-postgresql-headless"
+    assert rendered.get("Service", f"{FULLNAME}-postgresql-headless")["spec"]["clusterIP"] == "None"
+    # The database reaches nothing and is reached only from the release.
+    policy = rendered.get("NetworkPolicy", f"{FULLNAME}-postgresql")["spec"]
+    assert policy["egress"] == []
+
+
+def test_redis_runs_only_when_a_service_uses_it() -> None:
+    assert f"{FULLNAME}-redis" not in render().names("Deployment")
+    rendered = render({"generation": {"enabled": True}})
+    redis = rendered.get("Deployment", f"{FULLNAME}-redis")
+    (c,) = redis["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "redis:7.4.2"
+    assert "redis-cli" in c["readinessProbe"]["exec"]["command"][-1]
+    env = {e["name"]: e for e in c["env"]}
+    assert "secretKeyRef" in env["REDIS_PASSWORD"]["valueFrom"]
+    # The password is not on the command line.
+    assert "$(REDIS_PASSWORD)" not in " ".join(c["args"])
+    data = rendered.get("ConfigMap", f"{FULLNAME}-generation")["data"]
+    assert data["DAERT_GENERATION_REDIS_URL"] == f"redis://{FULLNAME}-redis:6379/0"
+    # PostgreSQL likewise: retrieval off and nothing else using it, no database.
+    assert not render({"retrieval": {"enabled": False}}).of("StatefulSet")
+
+
+# --- daert-full ------------------------------------------------------------------------------
+
+
+def test_daert_full_depends_on_the_official_charts() -> None:
+    chart = yaml.safe_load((FULL_CHART / "Chart.yaml").read_text())
+    deps = {d["name"]: d for d in chart["dependencies"]}
+    assert set(deps) == {"daert", "weaviate", "airflow"}
+    assert deps["daert"]["repository"] == "file://../daert"
+    ours = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert deps["daert"]["version"] == ours["version"]
+    assert (FULL_CHART / deps["daert"]["repository"].removeprefix("file://")).resolve() == CHART
+    assert deps["weaviate"]["repository"] == "https://weaviate.github.io/weaviate-helm"
+    assert deps["weaviate"]["condition"] == "weaviate.enabled"
+    assert deps["airflow"]["repository"] == "https://airflow.apache.org"
+    assert deps["airflow"]["condition"] == "airflow.enabled"
+    # charts/daert itself has no dependencies: it lints and renders offline.
+    assert "dependencies" not in ours
+    listed = run_helm("dependency", "list", str(FULL_CHART))
+    for name in deps:
+        assert name in listed
+
+
+def full_values(*extra: str) -> dict[str, Any]:
+    values: dict[str, Any] = yaml.safe_load((FULL_CHART / "values.yaml").read_text())
+    for name in extra:
+        overlay = yaml.safe_load((FULL_CHART / name).read_text())
+        for key, value in overlay.items():
+            values[key] = _merge(values.get(key, {}), value)
+    return values
+
+
+def _merge(base: Any, overlay: Any) -> Any:
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in overlay.items()}}
+    return overlay
+
+
+@pytest.mark.parametrize("overlay", [[], ["values-weaviate.yaml"]])
+def test_daert_full_values_are_valid_daert_values(overlay: list[str]) -> None:
+    values = full_values(*overlay)
+    assert set(values) == {"daert", "weaviate", "airflow"}
+    assert isinstance(values["weaviate"]["enabled"], bool)
+    assert values["airflow"]["enabled"] is True
+    # The `daert` section, over the chart's defaults, passes the chart's schema...
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    merged = _merge(defaults, values["daert"])
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(merged)
+    # ...and renders.
+    rendered = render(values["daert"])
+    services = {
+        s["metadata"]["name"]: s["spec"]["ports"][0]["port"] for s in rendered.of("Service")
+    }
+    # Airflow's DAG tasks are pointed at Services that exist, on their ports (the ones that
+    # are on by default; generation and context once they ship).
+    for entry in values["airflow"]["env"]:
+        host, port = entry["value"].split(":")
+        name = host.removeprefix("daert-")
+        if name in DEFAULT_ON:
+            assert services[host] == int(port), entry
+        assert entry["name"] == f"DAERT_{name.upper()}_TARGET"
+    assert values["airflow"]["images"]["airflow"]["repository"] == "ghcr.io/daert/daert-airflow"
+    assert values["airflow"]["dags"]["gitSync"]["enabled"] is False
+    # Airflow's pods may call the services.
+    policy = rendered.get("NetworkPolicy", "daert-embedding")["spec"]
+    assert {"podSelector": {"matchLabels": {"tier": "airflow"}}} in policy["ingress"][0]["from"]
+    if overlay:
+        data = rendered.get("ConfigMap", "daert-retrieval")["data"]
+        assert data["DAERT_RETRIEVAL_BACKEND"] == "weaviate"
+        assert data["DAERT_RETRIEVAL_WEAVIATE_URL"].startswith("http://weaviate")
+        assert not rendered.of("StatefulSet")
