@@ -92,6 +92,8 @@ def test_every_enabled_service_is_complete(profile: str, name: str) -> None:
         probe = c[kind]
         if name == "gateway":
             assert probe["httpGet"] == {"path": "/healthz", "port": "http"}
+        elif kind == "livenessProbe":  # the process answering, not its backends
+            assert probe["grpc"] == {"port": port, "service": "liveness"}
         else:
             assert probe["grpc"] == {"port": port}
         assert probe["periodSeconds"] > 0 and probe["failureThreshold"] > 0

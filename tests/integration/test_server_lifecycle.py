@@ -59,6 +59,8 @@ def test_health_follows_the_backend(tei: FakeTEI) -> None:
         time.sleep(0.6)
         assert server.health() == "NOT_SERVING"
         assert server.health(SERVICE) == "NOT_SERVING"
+        # Liveness is the process answering, not its backend: no restart for a TEI outage.
+        assert server.health("liveness") == "SERVING"
         tei.ready = True
         server.wait_health("SERVING", timeout_s=5)
         assert server.health(SERVICE) == "SERVING"
@@ -66,6 +68,7 @@ def test_health_follows_the_backend(tei: FakeTEI) -> None:
         port = tei.port
         tei.stop()  # the backend is lost
         server.wait_health("NOT_SERVING", timeout_s=5)
+        assert server.health("liveness") == "SERVING"
         restarted = FakeTEI(dimensions=8, port=port).start()  # and comes back
         try:
             server.wait_health("SERVING", timeout_s=5)

@@ -191,6 +191,10 @@ spec:
             {{- else }}
             grpc:
               port: {{ $svc.port }}
+              {{- if eq $kind "liveness" }}
+              # Answered SERVING while the process runs, whatever its backends.
+              service: liveness
+              {{- end }}
             {{- end }}
             {{- toYaml (index $probes $kind) | nindent 12 }}
           {{- end }}

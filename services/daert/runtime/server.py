@@ -24,6 +24,10 @@ log = logging.getLogger("daert.server")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# A health "service" that is SERVING for as long as the process answers, whatever its
+# backends: a liveness probe asks for it, so a database outage takes pods out of their
+# Service (readiness) without restarting them.
+LIVENESS_SERVICE = "liveness"
 
 
 class _Readiness:
@@ -100,6 +104,7 @@ async def run_server(name: str, service: Service, settings: ServerSettings) -> i
         loop.add_signal_handler(sig, stop.set)
 
     await server.start()
+    await health_servicer.set(LIVENESS_SERVICE, SERVING)
     log.info("serving", extra={"grpc_port": port, "metrics_port": metrics_port})
     readiness = _Readiness(service, health_servicer, names)
     readiness_task = asyncio.create_task(readiness.run(settings.health_interval_s, name))
