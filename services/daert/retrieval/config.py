@@ -38,6 +38,11 @@ class RetrievalSettings(ServerSettings):
     weaviate_url: str | None = Field(
         None, description="weaviate: REST endpoint, e.g. http://weaviate:8080."
     )
+    weaviate_grpc_host: str | None = Field(
+        None,
+        description="weaviate: gRPC host, when not the URL's (the official chart serves gRPC "
+        "on a Service of its own).",
+    )
     weaviate_grpc_port: int = Field(50051, gt=0, le=65535, description="weaviate: gRPC port.")
     weaviate_api_key: SecretStr | None = Field(None, description="weaviate: API key, if any.")
 

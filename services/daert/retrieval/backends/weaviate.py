@@ -234,6 +234,7 @@ class WeaviateBackend:
         self._secure = url.scheme == "https"
         self._host = url.hostname or "localhost"
         self._http_port = url.port or (443 if self._secure else 80)
+        self._grpc_host = settings.weaviate_grpc_host or self._host
         self._grpc_port = settings.weaviate_grpc_port
         self._url = f"{url.scheme}://{url.netloc}"
         self._timeout = settings.connect_timeout_s
@@ -301,7 +302,7 @@ class WeaviateBackend:
             http_host=self._host,
             http_port=self._http_port,
             http_secure=self._secure,
-            grpc_host=self._host,
+            grpc_host=self._grpc_host,
             grpc_port=self._grpc_port,
             grpc_secure=self._secure,
             auth_credentials=Auth.api_key(self._api_key) if self._api_key else None,
@@ -337,7 +338,7 @@ class WeaviateBackend:
         if reply.status_code != 200:
             return f"Weaviate at {self._url} is not ready (HTTP {reply.status_code})"
         if self._health is None:
-            target = f"{self._host}:{self._grpc_port}"
+            target = f"{self._grpc_host}:{self._grpc_port}"
             self._health = (
                 grpc.aio.secure_channel(target, grpc.ssl_channel_credentials())
                 if self._secure
@@ -350,7 +351,7 @@ class WeaviateBackend:
             )
         except grpc.aio.AioRpcError as exc:
             return (
-                f"Weaviate's gRPC port {self._host}:{self._grpc_port} does not answer: "
+                f"Weaviate's gRPC port {self._grpc_host}:{self._grpc_port} does not answer: "
                 f"{exc.code().name} {exc.details() or ''}".rstrip()
             )
         return None
