@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -11,7 +10,8 @@ import numpy as np
 
 from daert.embedding.config import EmbeddingSettings
 from daert.embedding.models import ServedModel, shape_vectors
-from daert.runtime.errors import InvalidArgument, NotFound, Unavailable
+from daert.runtime.errors import InvalidArgument, Unavailable
+from daert.runtime.model_set import ModelSet
 from daert.runtime.validation import require
 from daert.v1 import common_pb2, embedding_pb2, embedding_pb2_grpc
 
@@ -28,8 +28,7 @@ TRUNCATE_MODES = {
 class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
     def __init__(self, settings: EmbeddingSettings) -> None:
         self._settings = settings
-        self._models = {m.name: ServedModel(m, settings) for m in settings.models}
-        self._default = settings.models[0].name
+        self._models = ModelSet({m.name: ServedModel(m, settings) for m in settings.models})
 
     # --- the runtime's Service protocol -------------------------------------------------
 
@@ -38,22 +37,20 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
         return [embedding_pb2.DESCRIPTOR.services_by_name["EmbeddingService"].full_name]
 
     async def start(self) -> None:
-        await asyncio.gather(*(model.start() for model in self._models.values()))
+        await self._models.start()
 
     async def ready(self) -> bool:
-        """Ready when the default model answers; every model's state shows in ListModels."""
-        await asyncio.gather(*(model.check_ready() for model in self._models.values()))
-        return self._models[self._default].ready
+        return await self._models.ready()
 
     async def close(self) -> None:
-        await asyncio.gather(*(model.close() for model in self._models.values()))
+        await self._models.close()
 
     # --- RPCs ------------------------------------------------------------------------------
 
     async def Embed(
         self, request: embedding_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> embedding_pb2.EmbedResponse:
-        model = self._model(request.model)
+        model = self._models.get(request.model)
         texts = self._validated_texts(request)
         info = model.backend.info
         if info is None:
@@ -106,20 +103,13 @@ class EmbeddingServicer(embedding_pb2_grpc.EmbeddingServiceServicer):
                     dimensions=info.dimensions if info else 0,
                     max_input_tokens=info.max_input_tokens if info else 0,
                     backend=model.backend.kind,
-                    is_default=name == self._default,
+                    is_default=name == self._models.default,
                     ready=model.ready,
                 )
             )
         return embedding_pb2.EmbeddingServiceListModelsResponse(models=models)
 
     # --- helpers ---------------------------------------------------------------------------
-
-    def _model(self, name: str) -> ServedModel:
-        model = self._models.get(name or self._default)
-        if model is None:
-            known = ", ".join(self._models)
-            raise NotFound(f"model {name!r} is not served here; known models: {known}")
-        return model
 
     def _validated_texts(self, request: embedding_pb2.EmbedRequest) -> list[str]:
         texts = list(request.inputs)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 import grpc
 
 from daert.rerank.config import RerankSettings
 from daert.rerank.models import ServedModel, ranked
-from daert.runtime.errors import NotFound, Unavailable
+from daert.runtime.errors import Unavailable
+from daert.runtime.model_set import ModelSet
 from daert.runtime.validation import require
 from daert.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
 
@@ -17,8 +17,7 @@ from daert.v1 import common_pb2, rerank_pb2, rerank_pb2_grpc
 class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
     def __init__(self, settings: RerankSettings) -> None:
         self._settings = settings
-        self._models = {m.name: ServedModel(m, settings) for m in settings.models}
-        self._default = settings.models[0].name
+        self._models = ModelSet({m.name: ServedModel(m, settings) for m in settings.models})
 
     # --- the runtime's Service protocol -------------------------------------------------
 
@@ -27,22 +26,20 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
         return [rerank_pb2.DESCRIPTOR.services_by_name["RerankService"].full_name]
 
     async def start(self) -> None:
-        await asyncio.gather(*(model.start() for model in self._models.values()))
+        await self._models.start()
 
     async def ready(self) -> bool:
-        """Ready when the default model answers; every model's state shows in ListModels."""
-        await asyncio.gather(*(model.check_ready() for model in self._models.values()))
-        return self._models[self._default].ready
+        return await self._models.ready()
 
     async def close(self) -> None:
-        await asyncio.gather(*(model.close() for model in self._models.values()))
+        await self._models.close()
 
     # --- RPCs ------------------------------------------------------------------------------
 
     async def Rerank(
         self, request: rerank_pb2.RerankRequest, context: grpc.aio.ServicerContext
     ) -> rerank_pb2.RerankResponse:
-        model = self._model(request.model)
+        model = self._models.get(request.model)
         documents = self._validated_documents(request, model)
         require(request.top_n >= 0, "top_n", "must be 0 (all) or positive")
         if model.backend.info is None:
@@ -79,20 +76,13 @@ class RerankServicer(rerank_pb2_grpc.RerankServiceServicer):
                     backend=model.backend.kind,
                     max_documents=model.config.max_documents,
                     max_input_tokens=info.max_input_tokens if info else 0,
-                    is_default=name == self._default,
+                    is_default=name == self._models.default,
                     ready=model.ready,
                 )
             )
         return rerank_pb2.RerankServiceListModelsResponse(models=models)
 
     # --- helpers ---------------------------------------------------------------------------
-
-    def _model(self, name: str) -> ServedModel:
-        model = self._models.get(name or self._default)
-        if model is None:
-            known = ", ".join(self._models)
-            raise NotFound(f"model {name!r} is not served here; known models: {known}")
-        return model
 
     def _validated_documents(
         self, request: rerank_pb2.RerankRequest, model: ServedModel
