@@ -32,13 +32,14 @@ Differences from pgvector, all forced by Weaviate:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -108,6 +109,7 @@ from daert.runtime.errors import (
 log = logging.getLogger("daert.retrieval.weaviate")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 Shard = CollectionAsync[Any, Any]  # a Weaviate collection, scoped to one tenant or not
 
 CATALOG = "DaertCatalog"
@@ -221,6 +223,21 @@ def _metadata_property(name: str) -> Property:
         )
     data_type = DataType.NUMBER_ARRAY if kind == "n" else DataType.BOOL_ARRAY
     return Property(name=name, data_type=data_type, index_filterable=True)
+
+
+def _guarded(
+    method: Callable[Concatenate[WeaviateBackend, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[WeaviateBackend, P], Coroutine[Any, Any, T]]:
+    """A backend operation run through `WeaviateBackend._call`: its failures become service
+    errors, and a dead server UNAVAILABLE within PROBE_AFTER_S. A CollectionSpec argument
+    names the collection a NOT_FOUND is about."""
+
+    @functools.wraps(method)
+    async def guarded(self: WeaviateBackend, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        spec = next((arg for arg in args if isinstance(arg, CollectionSpec)), None)
+        return await self._call(method(self, *args, **kwargs), spec)
+
+    return guarded
 
 
 class WeaviateBackend:
@@ -535,10 +552,8 @@ class WeaviateBackend:
         self._properties[weaviate_class] = {p.name for p in config.properties}
         return collection
 
+    @_guarded
     async def delete_collection(self, tenant: str, name: str) -> int | None:
-        return await self._call(self._delete_collection(tenant, name))
-
-    async def _delete_collection(self, tenant: str, name: str) -> int | None:
         client = await self._connected()
         weaviate_class, weaviate_name = class_name(name), weaviate_tenant(tenant)
         async with self._lock(weaviate_class):
@@ -565,10 +580,8 @@ class WeaviateBackend:
                     self._properties.pop(weaviate_class, None)
         return count
 
+    @_guarded
     async def list_collections(self, tenant: str) -> list[CollectionInfo]:
-        return await self._call(self._list_collections(tenant))
-
-    async def _list_collections(self, tenant: str) -> list[CollectionInfo]:
         client = await self._connected()
         try:
             objects = await _fetch_all(
@@ -629,12 +642,8 @@ class WeaviateBackend:
         upserted = await self._call(self._write(spec, chunks), spec)
         return WriteCounts(upserted=upserted, unchanged=len(chunks) - upserted)
 
+    @_guarded
     async def replace_document(
-        self, spec: CollectionSpec, document_id: str, chunks: Sequence[ChunkRecord]
-    ) -> WriteCounts:
-        return await self._call(self._replace_document(spec, document_id, chunks), spec)
-
-    async def _replace_document(
         self, spec: CollectionSpec, document_id: str, chunks: Sequence[ChunkRecord]
     ) -> WriteCounts:
         key = (spec.tenant, spec.name, document_id)
@@ -720,16 +729,8 @@ class WeaviateBackend:
             known = self._properties[weaviate_class] = {p.name for p in config.properties}
         return known
 
+    @_guarded
     async def get(
-        self,
-        spec: CollectionSpec,
-        ids: Sequence[str],
-        document_ids: Sequence[str],
-        include_vectors: bool,
-    ) -> list[ChunkRecord]:
-        return await self._call(self._get(spec, ids, document_ids, include_vectors), spec)
-
-    async def _get(
         self,
         spec: CollectionSpec,
         ids: Sequence[str],
@@ -768,16 +769,8 @@ class WeaviateBackend:
                     seen.add(chunk.id)
         return chunks
 
+    @_guarded
     async def delete(
-        self,
-        spec: CollectionSpec,
-        ids: Sequence[str],
-        document_ids: Sequence[str],
-        where: Filter | None,
-    ) -> int:
-        return await self._call(self._delete(spec, ids, document_ids, where), spec)
-
-    async def _delete(
         self,
         spec: CollectionSpec,
         ids: Sequence[str],
@@ -803,6 +796,7 @@ class WeaviateBackend:
 
     # --- search ----------------------------------------------------------------------------
 
+    @_guarded
     async def vector_search(
         self,
         spec: CollectionSpec,
@@ -810,18 +804,6 @@ class WeaviateBackend:
         top_k: int,
         where: Filter | None,
         ef_search: int,  # Weaviate has no per-query ef: its dynamic ef applies
-        include_vectors: bool,
-    ) -> list[ScoredChunk]:
-        return await self._call(
-            self._vector_search(spec, vector, top_k, where, include_vectors), spec
-        )
-
-    async def _vector_search(
-        self,
-        spec: CollectionSpec,
-        vector: Vector,
-        top_k: int,
-        where: Filter | None,
         include_vectors: bool,
     ) -> list[ScoredChunk]:
         shard = await self._shard(spec)
@@ -846,19 +828,8 @@ class WeaviateBackend:
 
         return await self._filtered(spec, where, run, [])
 
+    @_guarded
     async def keyword_search(
-        self,
-        spec: CollectionSpec,
-        text: str,
-        top_k: int,
-        where: Filter | None,
-        include_vectors: bool,
-    ) -> list[ScoredChunk]:
-        return await self._call(
-            self._keyword_search(spec, text, top_k, where, include_vectors), spec
-        )
-
-    async def _keyword_search(
         self,
         spec: CollectionSpec,
         text: str,
