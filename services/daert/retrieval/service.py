@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -324,7 +324,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         return chunks
 
 
-async def _both(first: Any, second: Any) -> tuple[list[ScoredChunk], list[ScoredChunk]]:
+Ranking = Coroutine[Any, Any, list[ScoredChunk]]
+
+
+async def _both(first: Ranking, second: Ranking) -> tuple[list[ScoredChunk], list[ScoredChunk]]:
     """Run two searches at once; if one fails, the other is cancelled."""
     async with asyncio.TaskGroup() as group:
         a, b = group.create_task(first), group.create_task(second)

@@ -7,6 +7,8 @@ one exactly once. Append new migrations; never edit an applied one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 from psycopg import sql
 
@@ -44,7 +46,7 @@ _OPERATOR_CLASS = {
 }
 
 
-async def migrate(conn: psycopg.AsyncConnection[object]) -> list[int]:
+async def migrate(conn: psycopg.AsyncConnection[Any]) -> list[int]:
     """Apply the migrations this database lacks; returns the versions applied."""
     applied_now = []
     async with conn.transaction():
@@ -56,7 +58,7 @@ async def migrate(conn: psycopg.AsyncConnection[object]) -> list[int]:
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
         cursor = await conn.execute("SELECT version FROM daert_schema_migrations")
-        done = {row[0] for row in await cursor.fetchall()}  # type: ignore[index]
+        done = {row[0] for row in await cursor.fetchall()}
         for version, description, statements in MIGRATIONS:
             if version in done:
                 continue

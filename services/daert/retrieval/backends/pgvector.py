@@ -369,13 +369,15 @@ class PgvectorBackend:
         document_ids: Sequence[str],
         where: Filter | None,
     ) -> int:
+        condition: sql.Composable
+        params: list[Any]
         if ids:
             condition, params = sql.SQL("id = ANY(%s)"), [list(ids)]
         elif document_ids:
             condition, params = sql.SQL("document_id = ANY(%s)"), [list(document_ids)]
         else:
             assert where is not None
-            condition, params = compile_filter(where)  # type: ignore[assignment]
+            condition, params = compile_filter(where)
         async with self._table(spec) as (conn, table):
             cursor = await conn.execute(
                 sql.SQL("DELETE FROM {} WHERE tenant = %s AND {}").format(table, condition),
