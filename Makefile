@@ -21,8 +21,9 @@ WEAVIATE_VERSION := v1.35.2
 SANDBOX_PACKAGES_LIST := services/daert/sandbox/packages.txt
 SANDBOX_CACHE := $(if $(filter 0,$(shell id -u)),/var/cache/daert,$(HOME)/.cache/daert)
 SANDBOX_PACKAGES := $(SANDBOX_CACHE)/sandbox-packages-$(shell sha256sum $(SANDBOX_PACKAGES_LIST) | cut -c1-12)
-# Debian packages the stack runs: bubblewrap and libseccomp2 isolate the sandbox service.
-SYSTEM_PACKAGES := bubblewrap libseccomp2
+# Debian packages the stack runs: bubblewrap and libseccomp2 isolate the sandbox service;
+# redis-server backs the generation cache and the LoRA router's shared state.
+SYSTEM_PACKAGES := bubblewrap libseccomp2 redis-server
 
 export PATH := $(CURDIR)/$(TOOLS):$(PATH)
 export HF_HUB_OFFLINE := 1

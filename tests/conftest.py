@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from daert.local.postgres import EmbeddedPostgres
+from daert.local.redis import EmbeddedRedis
 from daert.testing import ServerProcess
 
 from tests.helpers import TOOLS, models_env
@@ -57,6 +58,15 @@ def grpcurl() -> Path:
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
     """A real PostgreSQL 16 + pgvector (the pgserver wheel), shared by the session."""
     server = EmbeddedPostgres(tmp_path_factory.mktemp("pgdata"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A real redis-server (Debian's), shared by the session; tests that stop it restart it."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
     server.stop()
