@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from daert.runtime.registry import DEFAULT_PORTS, default_metrics_port
-from daert.runtime.settings import ServerSettings
+from daert.runtime.settings import ServerSettings, unique_names
 
 BackendKind = Literal["sentence-transformers", "tei", "ollama"]
 
@@ -75,11 +75,4 @@ class EmbeddingSettings(ServerSettings):
         1_000_000, gt=0, description="Most characters across all texts of one Embed call."
     )
 
-    @field_validator("models")
-    @classmethod
-    def _unique_names(cls, models: list[ModelConfig]) -> list[ModelConfig]:
-        names = [m.name for m in models]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
-        return models
+    _unique_names = field_validator("models")(unique_names)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsError
@@ -33,6 +33,23 @@ class ServerSettings(BaseSettings):
 
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+class _Named(Protocol):
+    name: str
+
+
+NamedT = TypeVar("NamedT", bound=_Named)
+
+
+def unique_names(entries: list[NamedT]) -> list[NamedT]:
+    """Validator for a list of named entries (models, replicas): every name once.
+    Use as ``_unique = field_validator("models")(unique_names)``."""
+    names = [entry.name for entry in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"names must be unique; repeated: {', '.join(duplicates)}")
+    return entries
 
 
 class ConfigError(Exception):
