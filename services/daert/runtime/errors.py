@@ -15,6 +15,9 @@ class ServiceError(Exception):
     """Base class: a failure that has a well-defined gRPC status."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    # True when trying again may succeed and nothing was done upstream: the connection was
+    # refused, or the server shed the request (429/503). Set by runtime.upstream.
+    retryable: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

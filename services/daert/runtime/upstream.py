@@ -8,13 +8,15 @@ one mapping from upstream failures to gRPC statuses, shared by every backend.
 | 401, 403                               | FAILED_PRECONDITION  |
 | 429, 503                               | RESOURCE_EXHAUSTED   |
 | other 4xx/5xx, refused, reset, timeout | UNAVAILABLE          |
+
+Refused connections and 429/503 are marked `retryable`: the upstream did no work.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
@@ -37,13 +39,17 @@ async def _add_request_id(request: httpx.Request) -> None:
 
 
 def http_client(
-    base_url: str, timeout_s: float, connect_timeout_s: float = 2.0
+    base_url: str,
+    timeout_s: float,
+    connect_timeout_s: float = 2.0,
+    headers: dict[str, str] | None = None,
 ) -> httpx.AsyncClient:
     """An async client for one upstream: short connect timeout, so a dead backend fails fast,
     and the caller's request id on every request."""
     return httpx.AsyncClient(
         base_url=base_url,
         timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
+        headers=headers,
         event_hooks={"request": [_add_request_id]},
     )
 
@@ -75,7 +81,9 @@ def error_for_status(response: httpx.Response, backend: str, invalid_field: str)
     if status in (401, 403):
         return FailedPrecondition(message)
     if status in (429, 503):
-        return ResourceExhausted(message)
+        error = ResourceExhausted(message)
+        error.retryable = True
+        return error
     return Unavailable(message)
 
 
@@ -90,11 +98,13 @@ def transport_errors(backend: str, url: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as exc:
-        raise Unavailable(f"{backend} at {url} timed out ({type(exc).__name__})") from exc
+        error = Unavailable(f"{backend} at {url} timed out ({type(exc).__name__})")
+        error.retryable = isinstance(exc, httpx.ConnectTimeout)
+        raise error from exc
     except httpx.TransportError as exc:
-        raise Unavailable(
-            f"{backend} at {url} is unreachable: {exc or type(exc).__name__}"
-        ) from exc
+        error = Unavailable(f"{backend} at {url} is unreachable: {exc or type(exc).__name__}")
+        error.retryable = isinstance(exc, httpx.ConnectError)
+        raise error from exc
 
 
 async def send(
@@ -113,3 +123,25 @@ async def send(
         response = await client.request(method, path, json=json)
     raise_for_status(response, backend, invalid_field)
     return response
+
+
+@asynccontextmanager
+async def open_stream(
+    client: httpx.AsyncClient,
+    path: str,
+    *,
+    backend: str,
+    url: str,
+    invalid_field: str,
+    json: Any,
+) -> AsyncIterator[httpx.Response]:
+    """POST and hold the response open for streaming (SSE, NDJSON). An error status is
+    raised before the body is read as a stream; failures while reading it (reset, timeout)
+    are mapped too. Leaving the block, however it is left, closes the connection: that is
+    how a streaming server learns the caller has gone and stops generating."""
+    with transport_errors(backend, url):
+        async with client.stream("POST", path, json=json) as response:
+            if response.is_error:
+                await response.aread()
+                raise error_for_status(response, backend, invalid_field)
+            yield response
