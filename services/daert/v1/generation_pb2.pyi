@@ -243,8 +243,8 @@ Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
 @_typing.final
 class ResponseFormat(_message.Message):
     """Constrains the generated text (structured output). Models whose
-    GenerationModel.supports_structured_output is false reject any type other
-    than text with INVALID_ARGUMENT.
+    GenerationModel.supports_structured_output is false, and backends without
+    the constraint (Ollama has no regex), answer FAILED_PRECONDITION.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -645,6 +645,7 @@ class GenerationModel(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     SUPPORTS_ADAPTERS_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name clients pass as GenerateRequest.model."""
     backend: Global___GenerationBackend.ValueType
@@ -663,6 +664,10 @@ class GenerationModel(_message.Message):
     """Context window in tokens (prompt plus completion); 0 when unknown."""
     supports_adapters: _builtins.bool
     """True when requests for this model may carry a LoRA adapter_id."""
+    unavailable_reason: _builtins.str
+    """Why the model cannot answer now (server unreachable, model not pulled,
+    ...); empty when ready.
+    """
     def __init__(
         self,
         *,
@@ -674,10 +679,11 @@ class GenerationModel(_message.Message):
         is_default: _builtins.bool = ...,
         context_length: _builtins.int = ...,
         supports_adapters: _builtins.bool = ...,
+        unavailable_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "description", b"description", "is_default", b"is_default", "name", b"name", "ready", b"ready", "supports_adapters", b"supports_adapters", "supports_structured_output", b"supports_structured_output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "description", b"description", "is_default", b"is_default", "name", b"name", "ready", b"ready", "supports_adapters", b"supports_adapters", "supports_structured_output", b"supports_structured_output", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
