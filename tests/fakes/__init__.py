@@ -1,4 +1,9 @@
-"""Local fakes of the embedding backends' HTTP APIs (TEI and Ollama), for tests.
+"""Local fakes of the inference backends' HTTP APIs, for tests.
+
+Embedding/rerank backends: TEI and Ollama (``/api/embed``). LLM inference servers: vLLM's
+OpenAI-compatible API (:class:`FakeOpenAI`), Text Generation Inference (:class:`FakeTGI`) and
+Ollama (``/api/chat``, ``/api/generate``); the LLM fakes share the deterministic "model"
+described in :mod:`tests.fakes.llm`.
 
 Each fake is a real HTTP server on 127.0.0.1 (random port) running in a background
 thread, so it serves sync tests, async tests and server subprocesses alike::
@@ -8,7 +13,20 @@ thread, so it serves sync tests, async tests and server subprocesses alike::
 """
 
 from .http_fake import FakeHTTPServer, RecordedRequest
+from .llm import CANNED_REPLY, JSON_REPLY, FakeLLMServer, Generation
 from .ollama import FakeOllama
+from .openai import FakeOpenAI
 from .tei import TEI_STATUS, FakeTEI
 
-__all__ = ["TEI_STATUS", "FakeHTTPServer", "FakeOllama", "FakeTEI", "RecordedRequest"]
+__all__ = [
+    "CANNED_REPLY",
+    "JSON_REPLY",
+    "TEI_STATUS",
+    "FakeHTTPServer",
+    "FakeLLMServer",
+    "FakeOllama",
+    "FakeOpenAI",
+    "FakeTEI",
+    "Generation",
+    "RecordedRequest",
+]

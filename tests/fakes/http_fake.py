@@ -18,7 +18,11 @@ What the base gives every fake:
 * ``disconnects``: requests whose client went away before the response was sent. aiohttp
   only cancels a handler on client disconnect when the server is built with
   ``handler_cancellation=True`` (opt-in since aiohttp 3.9), which :meth:`start` does; the
-  middleware counts the resulting :class:`asyncio.CancelledError`.
+  middleware counts the resulting :class:`asyncio.CancelledError`. ``last_disconnect_at``
+  is the :func:`time.monotonic` time of the latest one. Handlers that see the client go
+  away some other way (a streaming write failing) count it with :meth:`_record_disconnect`;
+  a handler that drops the connection itself marks the request with
+  :data:`SERVER_DROPPED`, so its own cancellation is not counted.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Large enough that the fakes, not aiohttp (default 1 MiB), decide what is too big.
 _CLIENT_MAX_SIZE = 64 * 1024 * 1024
+
+#: Request key a handler sets when it closed the connection on purpose (not a disconnect).
+SERVER_DROPPED = web.RequestKey("fake_server_dropped", bool)
 
 
 class RecordedRequest(NamedTuple):
@@ -67,6 +74,7 @@ class FakeHTTPServer:
         self._requests: list[RecordedRequest] = []
         self._failures: deque[tuple[int, Mapping[str, Any] | str]] = deque()
         self._disconnects = 0
+        self._last_disconnect_at: float | None = None
         self._in_flight = 0
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -169,6 +177,12 @@ class FakeHTTPServer:
             return self._disconnects
 
     @property
+    def last_disconnect_at(self) -> float | None:
+        """:func:`time.monotonic` when the latest disconnect was counted (None: none yet)."""
+        with self._lock:
+            return self._last_disconnect_at
+
+    @property
     def in_flight(self) -> int:
         """Requests currently being handled."""
         with self._lock:
@@ -189,6 +203,7 @@ class FakeHTTPServer:
             self._requests.clear()
             self._failures.clear()
             self._disconnects = 0
+            self._last_disconnect_at = None
             self.delay_s = 0.0
 
     def wait_for_disconnects(self, n: int, timeout: float = 5.0) -> bool:
@@ -206,6 +221,15 @@ class FakeHTTPServer:
             return self._changed.wait_for(enough, timeout)
 
     # ----------------------------------------------------------------- internals
+    def _record_disconnect(self) -> None:
+        """Count a client that went away mid-request (no-op while the server stops)."""
+        if self._stopping:
+            return
+        with self._changed:
+            self._disconnects += 1
+            self._last_disconnect_at = time.monotonic()
+            self._changed.notify_all()
+
     async def _simulate_latency(self) -> None:
         """Sleep while ``delay_s`` says so.
 
@@ -246,10 +270,8 @@ class FakeHTTPServer:
             return await handler(request)
         except asyncio.CancelledError:
             # aiohttp cancels the handler task when the peer closes the connection.
-            if not self._stopping:
-                with self._changed:
-                    self._disconnects += 1
-                    self._changed.notify_all()
+            if not request.get(SERVER_DROPPED):
+                self._record_disconnect()
             raise
         finally:
             with self._lock:
