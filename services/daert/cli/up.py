@@ -2,10 +2,13 @@
 
 Starts each service with its embedded defaults, waits until grpc.health.v1 says SERVING,
 prints the endpoints and a first call to try, and on Ctrl-C or SIGTERM drains them all.
-If one service dies, the others are stopped too: a half-running stack only confuses.
-Data services the chosen services need and were not pointed at (retrieval's embedded
-PostgreSQL, or Weaviate) are started first, with their data under the state folder, and
-stopped last.
+A service whose backends live outside the stack (generation: an LLM server such as Ollama)
+is waited for only until it answers health; if it is NOT_SERVING, the banner says so and
+its log says why. If one service dies, the others are stopped too: a half-running stack
+only confuses. Data services the chosen services need and were not pointed at (an embedded
+PostgreSQL for retrieval and the LoRA registry, or Weaviate; Redis for the generation cache
+and the LoRA router) are started first, with their data under the state folder, and stopped
+last.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from daert.local.postgres import EmbeddedPostgres
+from daert.local.redis import EmbeddedRedis
 from daert.local.weaviate import EmbeddedWeaviate
 from daert.runtime.registry import load_spec
 from daert.runtime.service import ServiceSpec
@@ -37,6 +41,7 @@ class _Running:
     spec: ServiceSpec[ServerSettings]
     settings: ServerSettings
     process: asyncio.subprocess.Process
+    serving: bool = False
 
     @property
     def target(self) -> str:
@@ -59,7 +64,14 @@ async def _wait_serving(service: _Running, timeout_s: float) -> None:
                 )
             with contextlib.suppress(grpc.aio.AioRpcError):
                 reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                service.serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+                if service.serving:
+                    return
+                if service.spec.external_backends:
+                    # Give its first readiness probe a moment, then go on without it.
+                    await asyncio.sleep(1.0)
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    service.serving = reply.status == health_pb2.HealthCheckResponse.SERVING
                     return
             if loop.time() > deadline:
                 raise TimeoutError(f"{service.spec.name} not SERVING after {timeout_s:.0f}s")
@@ -75,6 +87,11 @@ def _banner(services: list[_Running]) -> str:
             else "off"
         )
         lines.append(f"  {s.spec.name:<12} grpc {s.target:<18} metrics {metrics}")
+        if not s.serving:
+            lines.append(
+                f"  {'':<12} NOT_SERVING: its backend is unreachable (its log above says why); "
+                "it turns SERVING when the backend answers"
+            )
     grpcurl = str(LOCAL_GRPCURL) if LOCAL_GRPCURL.exists() else "grpcurl"
     lines += ["", "Try:"]
     for s in services:
@@ -120,19 +137,41 @@ async def _stop_all(services: list[_Running], grace_s: float) -> None:
             await s.process.wait()
 
 
+# Services that keep data in PostgreSQL / Redis, found by their DSN / REDIS_URL settings.
+_NEEDS_POSTGRES = ("retrieval", "lora")
+_NEEDS_REDIS = ("generation", "lora")
+
+
 def _start_data_services(names: list[str], state_dir: Path) -> list[Callable[[], None]]:
     """Start what the services need and have no address for; returns how to stop each.
     The addresses go into this process's environment, which the services inherit."""
     stops: list[Callable[[], None]] = []
-    if "retrieval" not in names:
-        return stops
     backend = os.environ.get("DAERT_RETRIEVAL_BACKEND", "pgvector")
-    if backend == "pgvector" and not os.environ.get("DAERT_RETRIEVAL_DSN"):
+    dsn_vars = [f"DAERT_{name.upper()}_DSN" for name in _NEEDS_POSTGRES if name in names]
+    if "retrieval" in names and backend != "pgvector":
+        dsn_vars.remove("DAERT_RETRIEVAL_DSN")
+    unset = [var for var in dsn_vars if not os.environ.get(var)]
+    if unset:
         postgres = EmbeddedPostgres(state_dir / "pgdata")
-        os.environ["DAERT_RETRIEVAL_DSN"] = postgres.start()
+        dsn = postgres.start()
+        for var in unset:
+            os.environ[var] = dsn
         stops.append(postgres.stop)
         _say(f"started the embedded PostgreSQL + pgvector (data in {postgres.data_dir})")
-    if backend == "weaviate" and not os.environ.get("DAERT_RETRIEVAL_WEAVIATE_URL"):
+    redis_vars = [f"DAERT_{name.upper()}_REDIS_URL" for name in _NEEDS_REDIS if name in names]
+    unset = [var for var in redis_vars if not os.environ.get(var)]
+    if unset:
+        redis = EmbeddedRedis(state_dir / "redis", persist=True)
+        url = redis.start()
+        for var in unset:
+            os.environ[var] = url
+        stops.append(redis.stop)
+        _say(f"started Redis at {url} (snapshots in {redis.data_dir})")
+    if (
+        "retrieval" in names
+        and backend == "weaviate"
+        and not os.environ.get("DAERT_RETRIEVAL_WEAVIATE_URL")
+    ):
         weaviate = EmbeddedWeaviate(state_dir / "weaviate")
         url, grpc_port = weaviate.start()
         os.environ["DAERT_RETRIEVAL_WEAVIATE_URL"] = url

@@ -43,3 +43,6 @@ class ServiceSpec(Generic[SettingsT]):
     # What `daert up` prints as a first call to try: a method and a JSON request body.
     example_method: str = ""
     example_request: str = "{}"
+    # True when its backends live outside the stack (generation's LLM servers): `daert up`
+    # then does not wait for it to be SERVING, and the rest of the stack works without them.
+    external_backends: bool = False

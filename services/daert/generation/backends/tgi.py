@@ -1,0 +1,194 @@
+"""Hugging Face Text Generation Inference, native API (also LoRAX, which speaks it):
+`POST /generate`, `POST /generate_stream`, `GET /health`.
+
+The request is `{"inputs": <text>, "parameters": {...}}`; `details: true` makes TGI report
+the finish reason ("length", "eos_token", "stop_sequence") and token counts. The stream is
+SSE, one `data:` event per token (`token.text`), the last one also carrying
+`generated_text` and `details` (`finish_reason`, `generated_tokens`, `input_length`). A
+failure inside a started stream is an event `{"error": ..., "error_type": ...}`.
+
+TGI's native API takes text, not messages: chat messages are formatted with the model's
+`chat_template` (Jinja, as in Hugging Face tokenizer configs) here. TGI includes the stop
+sequence that ended generation in its text; the contract does not, so it is cut off (and
+held back while streaming, until it is known whether it completes a stop sequence).
+Greedy decoding (temperature 0) is `do_sample: false`, since TGI wants temperature > 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from httpx_sse import EventSource
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from daert.generation.backends.base import Completion, UpstreamCall
+from daert.generation.backends.wire import error_text, json_object
+from daert.generation.config import ModelConfig
+from daert.generation.request import Delta, Finished, GenerationInput, StreamEvent
+from daert.runtime.errors import FailedPrecondition, Unavailable
+from daert.runtime.upstream import http_client, open_stream, send
+from daert.v1 import generation_pb2
+
+LABEL = "TGI"
+
+_FINISH = {
+    "eos_token": generation_pb2.FINISH_REASON_STOP,
+    "length": generation_pb2.FINISH_REASON_LENGTH,
+    "stop_sequence": generation_pb2.FINISH_REASON_STOP_SEQUENCE,
+}
+
+
+class TgiBackend:
+    kind = generation_pb2.GENERATION_BACKEND_TGI
+    label = LABEL
+
+    def __init__(self, config: ModelConfig, url: str | None = None) -> None:
+        self.url = (url or config.url).rstrip("/")
+        self._name = config.name
+        self._template = (
+            ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(
+                config.chat_template
+            )
+            if config.chat_template
+            else None
+        )
+        self._http = http_client(self.url, config.timeout_s, config.connect_timeout_s)
+
+    def unsupported(self, request: GenerationInput) -> str | None:
+        if request.messages is not None and self._template is None:
+            return (
+                f"model {self._name!r} (TGI native API) takes a raw prompt: set its "
+                "chat_template, or serve it with backend openai (TGI's messages API)"
+            )
+        return None
+
+    async def probe(self) -> None:
+        await send(self._http, "GET", "/health", backend=LABEL, url=self.url, invalid_field="")
+
+    async def complete(self, call: UpstreamCall) -> Completion:
+        response = await send(
+            self._http, "POST", "/generate", backend=LABEL, url=self.url,
+            invalid_field="params", json=self._body(call),
+        )  # fmt: skip
+        answer = json_object(response.text, LABEL)
+        details = answer.get("details") or {}
+        stop = _StopSequences(call.input.sampling.stop)
+        finished = _finished(details, response.headers.get("x-prompt-tokens"))
+        return Completion(stop.cut(str(answer.get("generated_text") or ""), finished), finished)
+
+    async def stream(self, call: UpstreamCall) -> AsyncGenerator[StreamEvent, None]:
+        stop = _StopSequences(call.input.sampling.stop)
+        async with open_stream(
+            self._http, "/generate_stream", backend=LABEL, url=self.url,
+            invalid_field="params", json=self._body(call),
+        ) as response:  # fmt: skip
+            async for event in EventSource(response).aiter_sse():
+                chunk = json_object(event.data, LABEL)
+                if "error" in chunk:
+                    raise Unavailable(f"{LABEL} failed mid-stream: {error_text(chunk)}")
+                token = chunk.get("token") or {}
+                if not token.get("special"):
+                    text = stop.feed(str(token.get("text") or ""))
+                    if text:
+                        yield Delta(text)
+                if chunk.get("details") is not None:
+                    finished = _finished(chunk["details"], None)
+                    if rest := stop.finish(finished):
+                        yield Delta(rest)
+                    yield finished
+                    return
+        raise Unavailable(f"{LABEL} at {self.url} ended the stream without details")
+
+    def _body(self, call: UpstreamCall) -> dict[str, Any]:
+        request = call.input
+        reason = self.unsupported(request)
+        if reason:
+            raise FailedPrecondition(reason)
+        if request.messages is not None:
+            assert self._template is not None
+            inputs = self._template.render(
+                messages=[{"role": m.role, "content": m.content} for m in request.messages],
+                add_generation_prompt=True,
+                # TGI's tokenizer adds the BOS token itself.
+                bos_token="",
+                eos_token="",
+            )
+        else:
+            assert request.prompt is not None
+            inputs = request.prompt
+        s = request.sampling
+        parameters: dict[str, Any] = {"details": True, "return_full_text": False}
+        if s.temperature is not None and s.temperature > 0:
+            parameters |= {"do_sample": True, "temperature": s.temperature}
+        elif s.temperature == 0:
+            parameters["do_sample"] = False
+        optional = {
+            "max_new_tokens": s.max_tokens,
+            # TGI wants top_p < 1; 1 is no truncation, the same as leaving it out.
+            "top_p": s.top_p if s.top_p is not None and s.top_p < 1 else None,
+            "top_k": s.top_k,
+            "repetition_penalty": s.repetition_penalty,
+            "seed": s.seed,
+            "stop": list(s.stop) or None,
+            "adapter_id": call.adapter,
+        }
+        parameters |= {k: v for k, v in optional.items() if v is not None}
+        output = request.output
+        if output.kind == "json_object":
+            parameters["grammar"] = {"type": "json", "value": {"type": "object"}}
+        elif output.kind == "json_schema":
+            parameters["grammar"] = {"type": "json", "value": output.schema}
+        elif output.kind == "regex":
+            parameters["grammar"] = {"type": "regex", "value": output.regex}
+        return {"inputs": inputs, "parameters": parameters}
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+def _finished(details: dict[str, Any], prompt_tokens_header: str | None) -> Finished:
+    prompt_tokens = details.get("input_length") or prompt_tokens_header or 0
+    return Finished(
+        _FINISH.get(details.get("finish_reason") or "", generation_pb2.FINISH_REASON_STOP),
+        prompt_tokens=int(prompt_tokens),
+        completion_tokens=int(details.get("generated_tokens") or 0),
+    )
+
+
+class _StopSequences:
+    """Cuts the stop sequence TGI leaves at the end of its text. While streaming, text that
+    could still become a stop sequence is held back until the next token decides it."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        if not self._stops:
+            return text
+        self._held += text
+        keep = max((_overlap(self._held, stop) for stop in self._stops), default=0)
+        cut = len(self._held) - keep
+        ready, self._held = self._held[:cut], self._held[cut:]
+        return ready
+
+    def finish(self, finished: Finished) -> str:
+        held, self._held = self._held, ""
+        return self.cut(held, finished)
+
+    def cut(self, text: str, finished: Finished) -> str:
+        if finished.reason == generation_pb2.FINISH_REASON_STOP_SEQUENCE:
+            for stop in sorted(self._stops, key=len, reverse=True):
+                if text.endswith(stop):
+                    return text[: -len(stop)]
+        return text
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a beginning of `stop` (all of it
+    included)."""
+    for size in range(min(len(text), len(stop)), 0, -1):
+        if stop.startswith(text[-size:]):
+            return size
+    return 0
