@@ -1,0 +1,1 @@
+"""LoRA router: adapter registry and adapter-affinity routing (`daert serve lora`)."""
