@@ -17,16 +17,19 @@ from .llm import CANNED_REPLY, JSON_REPLY, FakeLLMServer, Generation
 from .ollama import FakeOllama
 from .openai import FakeOpenAI
 from .tei import TEI_STATUS, FakeTEI
+from .tgi import TGI_ERRORS, FakeTGI
 
 __all__ = [
     "CANNED_REPLY",
     "JSON_REPLY",
     "TEI_STATUS",
+    "TGI_ERRORS",
     "FakeHTTPServer",
     "FakeLLMServer",
     "FakeOllama",
     "FakeOpenAI",
     "FakeTEI",
+    "FakeTGI",
     "Generation",
     "RecordedRequest",
 ]

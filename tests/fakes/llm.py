@@ -34,11 +34,16 @@ Controls (plain attributes, read by the server thread at each step)
 -------------------------------------------------------------------
 ``delay_s`` (base class: before the response starts), ``first_token_delay_s``,
 ``token_delay_s`` (also applied to non-streaming requests, which answer after the whole
-reply was "generated"), ``disconnect_after_tokens`` (close the TCP connection after N
-tokens were written: the client sees a body that ends without its terminator),
+reply was "generated"), ``disconnect_after_tokens`` (close the TCP connection once N
+tokens were written, 0..all of them; the client sees a body that ends without its
+terminator -- for N = all tokens, just before the end of the stream),
 ``error_after_tokens = (n, message)`` (after N tokens send the server's in-stream error;
 non-streaming requests get the server's error response instead), ``reply_tokens``,
-``reply_fn``. :meth:`FakeLLMServer.reset` clears them all.
+``reply_fn``. They stay set until changed; :meth:`FakeLLMServer.reset` clears them all.
+
+Each fake has ``generation(prompt, ...)`` (the :class:`Generation`, with that server's
+stopping rules and defaults) and ``expected_text(prompt, ...)``, so tests can compute the
+exact output, token counts and finish reason of a request.
 
 A client that goes away mid-stream is counted in ``disconnects`` (and
 ``last_disconnect_at``) whether aiohttp cancelled the handler while it slept between tokens

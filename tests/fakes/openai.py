@@ -469,14 +469,15 @@ class FakeOpenAI(FakeLLMServer):
     async def _run_unary(self, request: web.Request, gens: list[Generation]) -> None:
         """Pace the whole generation; apply faults (non-streaming flavour)."""
         steps = max(len(g.tokens) for g in gens)
-        for i in range(steps):
+        for i in range(steps + 1):
             fault = self._fault(i)
             if fault == "drop":
                 self._drop(request)
                 raise _Abort(web.Response(status=200))
             if fault == "error":
                 raise _Abort(self._error(self._error_message))
-            await self._pace(i)
+            if i < steps:
+                await self._pace(i)
 
     async def _unary(
         self, request: web.Request, rid: str, model: str, gens: list[Generation], chat: bool

@@ -456,7 +456,8 @@ def test_ollama_tags_version_root() -> None:
     with FakeOllama(models={"all-minilm": 8, "nomic-embed-text:v1.5": 16}) as ollama:
         tags = httpx.get(f"{ollama.url}/api/tags").json()
         names = [m["name"] for m in tags["models"]]
-        assert names == ["all-minilm:latest", "nomic-embed-text:v1.5"]
+        # embedding models, then the chat models (default: llama3.2)
+        assert names == ["all-minilm:latest", "nomic-embed-text:v1.5", "llama3.2:latest"]
         first = tags["models"][0]
         assert set(first) == {"name", "model", "modified_at", "size", "digest", "details"}
         assert len(first["digest"]) == 64

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from . import CANNED_REPLY, FakeOpenAI
+from . import CANNED_REPLY, FakeOllama, FakeOpenAI, FakeTGI
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
 PROMPT = "be brief hi there"  # the chat prompt as the fakes see it: contents joined by a space
@@ -274,6 +274,11 @@ def test_vllm_server_drops_connection(vllm: FakeOpenAI) -> None:
     assert contents == ["", "Hello", ",", " I"]  # role chunk + 3 tokens, then the cut
     with pytest.raises(httpx.RemoteProtocolError):
         chat(vllm)
+    vllm.disconnect_after_tokens = 9  # every token sent, then cut before `data: [DONE]`
+    lines = stream_until_broken(
+        f"{vllm.url}/v1/chat/completions", {"messages": MESSAGES, "stream": True}
+    )
+    assert len(lines) == 10 and lines[-1] != "data: [DONE]"
     assert vllm.disconnects == 0  # the server hung up, not the client
 
 
@@ -395,3 +400,385 @@ def test_vllm_concurrent_streams(vllm: FakeOpenAI) -> None:
     for t in threads:
         t.join(timeout=5)
     assert results == [vllm.expected_text("p")] * 4
+
+
+# ------------------------------------------------------------------------------- TGI
+
+
+@pytest.fixture
+def tgi() -> Iterator[FakeTGI]:
+    with FakeTGI(max_input_tokens=8, max_total_tokens=200) as fake:
+        yield fake
+
+
+def generate(fake: FakeTGI, inputs: str = "hi there", **params: Any) -> httpx.Response:
+    return httpx.post(f"{fake.url}/generate", json={"inputs": inputs, "parameters": params})
+
+
+def test_tgi_generate(tgi: FakeTGI) -> None:
+    r = generate(tgi)
+    assert r.status_code == 200
+    assert r.json() == {"generated_text": "Hello, I am a fake model."}
+    assert r.headers["x-prompt-tokens"] == "2"
+    assert r.headers["x-generated-tokens"] == "9"  # 8 tokens + EOS
+    assert r.headers["x-compute-type"] == "gpu+optimized"
+    assert r.headers["x-compute-characters"] == "8"
+    for h in ("x-compute-time", "x-total-time", "x-inference-time", "x-time-per-token"):
+        assert h in r.headers
+    body = generate(tgi, details=True, seed=7, do_sample=True, max_new_tokens=20).json()
+    details = body["details"]
+    assert set(details) == {"finish_reason", "generated_tokens", "seed", "prefill", "tokens"}
+    assert (details["finish_reason"], details["generated_tokens"], details["seed"]) == (
+        "eos_token",
+        9,
+        7,
+    )
+    assert details["prefill"] == []
+    assert [t["text"] for t in details["tokens"]] == [*CANNED_REPLY, "</s>"]
+    assert details["tokens"][-1] == {"id": 2, "text": "</s>", "logprob": -0.125, "special": True}
+    assert all(not t["special"] for t in details["tokens"][:-1])
+    greedy = generate(tgi, details=True).json()["details"]
+    assert greedy["seed"] is None  # greedy decoding reports no seed
+    prefill = generate(tgi, decoder_input_details=True).json()["details"]["prefill"]
+    assert [p["text"] for p in prefill] == ["hi", "there"] and prefill[0]["logprob"] is None
+    assert generate(tgi, return_full_text=True).json()["generated_text"] == (
+        "hi thereHello, I am a fake model."
+    )
+
+
+def test_tgi_finish_reasons(tgi: FakeTGI) -> None:
+    body = generate(tgi, details=True, max_new_tokens=3).json()
+    assert body["generated_text"] == "Hello, I" == tgi.expected_text("hi there", max_new_tokens=3)
+    assert body["details"]["finish_reason"] == "length"
+    # TGI keeps the stop sequence in the text and stops only when the output ends with it
+    body = generate(tgi, details=True, stop=[" am"]).json()
+    assert body["generated_text"] == "Hello, I am"
+    assert (body["details"]["finish_reason"], body["details"]["generated_tokens"]) == (
+        "stop_sequence",
+        4,
+    )
+    assert generate(tgi, stop=["I a"]).json()["generated_text"] == "Hello, I am a fake model."
+    # max_new_tokens is checked first: reached on the EOS token it still says "length"
+    body = generate(tgi, details=True, max_new_tokens=9).json()
+    assert body["details"]["finish_reason"] == "length"
+    assert tgi.generation("hi there", max_new_tokens=9).finish == "length"
+    body = generate(tgi, details=True, grammar={"type": "json", "value": {"type": "object"}}).json()
+    assert json.loads(body["generated_text"]) == {"answer": "Hello"}
+
+
+def test_tgi_validation_errors(tgi: FakeTGI) -> None:
+    for params, message in (
+        ({"temperature": 0}, "`temperature` must be strictly positive"),
+        ({"top_p": 1.0}, "`top_p` must be > 0.0 and < 1.0"),
+        ({"top_k": 0}, "`top_k` must be strictly positive"),
+        ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
+        ({"repetition_penalty": 0}, "`repetition_penalty` must be strictly positive"),
+        ({"stop": ["a"] * 5}, "`stop` supports up to 4 stop sequences. Given: 5"),
+        (
+            {"max_new_tokens": 199},
+            "`inputs` tokens + `max_new_tokens` must be <= 200. Given: 2 "
+            "`inputs` tokens and 199 `max_new_tokens`",
+        ),
+        ({"grammar": {"type": "json", "value": "{oops"}}, "grammar is not valid: "),
+    ):
+        r = generate(tgi, **params)
+        assert r.status_code == 422, params
+        assert r.json()["error_type"] == "validation"
+        assert r.json()["error"].startswith(f"Input validation error: {message}")
+    r = generate(tgi, " ".join(["w"] * 9), max_new_tokens=5)
+    assert r.json()["error"] == (
+        "Input validation error: `inputs` must have less than 8 tokens. Given: 9"
+    )
+    assert generate(tgi, "").json()["error"] == "Input validation error: `inputs` cannot be empty"
+    assert generate(tgi, " ".join(["w"] * 9), truncate=4).status_code == 200
+    r = httpx.post(f"{tgi.url}/generate", json={"input": "typo"})
+    assert r.status_code == 422 and r.headers["content-type"].startswith("text/plain")
+    assert "missing field `inputs`" in r.text
+    r = httpx.post(f"{tgi.url}/generate", content=b'{"inputs": "x"}')
+    assert r.status_code == 415
+    tgi.fail_next_tgi(429, "Model is overloaded", "overloaded")
+    r = generate(tgi)
+    assert (r.status_code, r.json()) == (
+        429,
+        {"error": "Model is overloaded", "error_type": "overloaded"},
+    )
+
+
+def test_tgi_stream(tgi: FakeTGI) -> None:
+    r, text = read_stream(
+        f"{tgi.url}/generate_stream",
+        {"inputs": "hi there", "parameters": {"details": True, "max_new_tokens": 20}},
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/event-stream"
+    assert r.headers["cache-control"] == "no-cache"
+    assert r.headers["x-accel-buffering"] == "no"
+    assert text.startswith('data:{"index":1,') and text.endswith("}\n\n")
+    events = [json.loads(e) for e in sse_data(text)]
+    assert [e["index"] for e in events] == list(range(1, 10))
+    assert [e["token"]["text"] for e in events] == [*CANNED_REPLY, "</s>"]
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    assert set(events[0]) == {"index", "token", "generated_text", "details"}
+    assert events[-1]["token"]["special"] is True
+    assert events[-1]["generated_text"] == "Hello, I am a fake model."
+    assert events[-1]["details"] == {
+        "finish_reason": "eos_token",
+        "generated_tokens": 9,
+        "seed": None,
+        "input_length": 2,
+    }
+    _, text = read_stream(f"{tgi.url}/generate_stream", {"inputs": "hi there"})
+    assert json.loads(sse_data(text)[-1])["details"] is None  # details defaults to false
+    with FakeTGI(sse_space=True) as spaced:
+        _, text = read_stream(f"{spaced.url}/generate_stream", {"inputs": "hi"})
+        assert text.startswith('data: {"index":1,')
+        assert len(sse_data(text)) == 9
+
+
+def test_tgi_stream_errors(tgi: FakeTGI) -> None:
+    # validation errors arrive as an SSE event after a 200
+    r, text = read_stream(
+        f"{tgi.url}/generate_stream", {"inputs": "hi", "parameters": {"temperature": -1}}
+    )
+    assert r.status_code == 200
+    assert text == (
+        'data:{"error":"Input validation error: `temperature` must be strictly positive",'
+        '"error_type":"validation"}\n\n'
+    )
+    _, text = read_stream(
+        f"{tgi.url}/generate_stream", {"inputs": "hi", "parameters": {"best_of": 2}}
+    )
+    assert "`best_of` != 1 is not supported when streaming tokens" in text
+    tgi.error_after_tokens = (3, "CUDA out of memory")
+    r, text = read_stream(f"{tgi.url}/generate_stream", {"inputs": "hi"})
+    events = [json.loads(e) for e in sse_data(text)]
+    assert [e.get("index") for e in events] == [1, 2, 3, None]
+    assert events[-1] == {
+        "error": "Request failed during generation: CUDA out of memory",
+        "error_type": "generation",
+    }
+    assert "event:" not in text
+    r = generate(tgi)
+    assert (r.status_code, r.json()["error_type"]) == (424, "generation")
+
+
+def test_tgi_disconnects(tgi: FakeTGI) -> None:
+    tgi.disconnect_after_tokens = 2
+    lines = stream_until_broken(f"{tgi.url}/generate_stream", {"inputs": "hi"})
+    assert [json.loads(line[5:])["index"] for line in lines] == [1, 2]
+    tgi.disconnect_after_tokens = None
+    tgi.token_delay_s = 0.5
+    with httpx.stream("POST", f"{tgi.url}/generate_stream", json={"inputs": "hi"}) as r:
+        assert next(r.iter_lines()).startswith("data:")
+    closed_at = time.monotonic()
+    assert tgi.wait_for_disconnects(1, timeout=1.0)
+    seen_at = tgi.last_disconnect_at
+    assert seen_at is not None and seen_at - closed_at < 0.5
+
+
+def test_tgi_health_info_compat_and_adapters() -> None:
+    with FakeTGI(adapters=["sql-lora"], model_id="org/m") as tgi:
+        assert httpx.get(f"{tgi.url}/health").status_code == 200
+        tgi.ready = False
+        r = httpx.get(f"{tgi.url}/health")
+        assert (r.status_code, r.json()) == (
+            503,
+            {"error": "unhealthy", "error_type": "healthcheck"},
+        )
+        info = httpx.get(f"{tgi.url}/info").json()
+        assert info["model_id"] == "org/m" and info["router"] == "text-generation-router"
+        assert (info["max_input_tokens"], info["max_total_tokens"]) == (1024, 2048)
+        # POST / answers a list and returns the full text by default
+        r = httpx.post(f"{tgi.url}/", json={"inputs": "q", "parameters": {"max_new_tokens": 1}})
+        assert r.json() == [{"generated_text": "qHello"}]
+        r, text = read_stream(f"{tgi.url}/", {"inputs": "q", "stream": True})
+        assert len(sse_data(text)) == 9
+        # TGI answers an unknown adapter with the base model, no error
+        assert generate(tgi, adapter_id="sql-lora").status_code == 200
+        assert generate(tgi, adapter_id="nope").status_code == 200
+        assert tgi.adapter_ids == [None, None, "sql-lora", "nope"]
+        tgi.strict_adapters = True
+        r = generate(tgi, adapter_id="nope")
+        assert (r.status_code, r.json()["error_type"]) == (424, "generation")
+
+
+# --------------------------------------------------------------------------- Ollama
+
+
+@pytest.fixture
+def ollama() -> Iterator[FakeOllama]:
+    with FakeOllama(chat_models=["llama3.2", "qwen2.5:7b"]) as fake:
+        yield fake
+
+
+def ollama_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line]
+
+
+def test_ollama_chat_stream(ollama: FakeOllama) -> None:
+    r, text = read_stream(f"{ollama.url}/api/chat", {"model": "llama3.2", "messages": MESSAGES})
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "application/x-ndjson"
+    lines = ollama_lines(text)
+    assert [c["message"]["content"] for c in lines[:-1]] == list(CANNED_REPLY)
+    for chunk in lines[:-1]:
+        assert list(chunk) == ["model", "created_at", "message", "done"]
+        assert chunk["message"]["role"] == "assistant" and chunk["done"] is False
+        assert chunk["model"] == "llama3.2"
+        assert chunk["created_at"].endswith("Z") and "T" in chunk["created_at"]
+    final = lines[-1]
+    assert list(final) == [
+        "model",
+        "created_at",
+        "message",
+        "done_reason",
+        "done",
+        "total_duration",
+        "load_duration",
+        "prompt_eval_count",
+        "prompt_eval_duration",
+        "eval_count",
+        "eval_duration",
+    ]
+    assert final["message"] == {"role": "assistant", "content": ""}
+    assert (final["done"], final["done_reason"]) == (True, "stop")
+    assert (final["prompt_eval_count"], final["eval_count"]) == (4, 9)
+    assert all(
+        isinstance(final[k], int) and final[k] > 0 for k in ("total_duration", "eval_duration")
+    )
+
+
+def test_ollama_chat_unary_options_and_format(ollama: FakeOllama) -> None:
+    def post(**body: Any) -> dict[str, Any]:
+        r = httpx.post(
+            f"{ollama.url}/api/chat",
+            json={"model": "qwen2.5:7b", "messages": MESSAGES, "stream": False, **body},
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "application/json; charset=utf-8"
+        data: dict[str, Any] = r.json()
+        return data
+
+    body = post()
+    assert body["message"]["content"] == ollama.expected_text(PROMPT) == "".join(CANNED_REPLY)
+    assert (body["done"], body["done_reason"], body["eval_count"]) == (True, "stop", 9)
+    body = post(options={"num_predict": 2, "temperature": 0.1, "seed": 1, "num_ctx": 8})
+    assert (body["message"]["content"], body["done_reason"], body["eval_count"]) == (
+        "Hello,",
+        "length",
+        2,
+    )
+    body = post(options={"stop": [" fake"]})
+    assert (body["message"]["content"], body["done_reason"]) == ("Hello, I am a", "stop")
+    for fmt in ("json", {"type": "object", "properties": {"answer": {"type": "string"}}}):
+        assert json.loads(post(format=fmt)["message"]["content"]) == {"answer": "Hello"}
+    body = post(keep_alive="5m")
+    assert ollama.requests_to("/api/chat")[-1].json["keep_alive"] == "5m"
+
+
+def test_ollama_chat_stream_holds_back_partial_stop(ollama: FakeOllama) -> None:
+    _, text = read_stream(
+        f"{ollama.url}/api/chat",
+        {"model": "llama3.2", "messages": MESSAGES, "options": {"stop": [" fake m"]}},
+    )
+    lines = ollama_lines(text)
+    contents = [c["message"]["content"] for c in lines[:-1]]
+    # " fake" could be the start of " fake m": it is held back, then cut with the stop
+    assert contents == ["Hello", ",", " I", " am", " a"]
+    assert lines[-1]["done_reason"] == "stop" and lines[-1]["eval_count"] == 7
+
+
+def test_ollama_generate(ollama: FakeOllama) -> None:
+    r, text = read_stream(
+        f"{ollama.url}/api/generate",
+        {"model": "llama3.2", "prompt": "[INST] hi [/INST]", "raw": True},
+    )
+    lines = ollama_lines(text)
+    assert [c["response"] for c in lines[:-1]] == list(CANNED_REPLY)
+    assert list(lines[0]) == ["model", "created_at", "response", "done"]
+    assert "context" not in lines[-1]  # raw mode returns no context
+    assert (lines[-1]["done"], lines[-1]["done_reason"], lines[-1]["prompt_eval_count"]) == (
+        True,
+        "stop",
+        3,
+    )
+    r = httpx.post(
+        f"{ollama.url}/api/generate", json={"model": "llama3.2", "prompt": "hi", "stream": False}
+    )
+    body = r.json()
+    assert body["response"] == "Hello, I am a fake model."
+    assert list(body)[:6] == ["model", "created_at", "response", "done", "done_reason", "context"]
+    r = httpx.post(
+        f"{ollama.url}/api/generate",
+        json={"model": "llama3.2", "prompt": "hi", "raw": True, "system": "s"},
+    )
+    assert (r.status_code, r.json()) == (
+        400,
+        {"error": "raw mode does not support template, system, or context"},
+    )
+    r = httpx.post(f"{ollama.url}/api/generate", json={"model": "llama3.2"})
+    assert r.json()["done_reason"] == "load"
+
+
+def test_ollama_chat_errors(ollama: FakeOllama) -> None:
+    def post(**body: Any) -> httpx.Response:
+        return httpx.post(f"{ollama.url}/api/chat", json={"messages": MESSAGES, **body})
+
+    r = post(model="mistral")
+    assert (r.status_code, r.json()) == (404, {"error": "model 'mistral' not found"})
+    r = post(model="all-minilm")
+    assert (r.status_code, r.json()) == (400, {"error": '"all-minilm" does not support chat'})
+    r = post(model="llama3.2", format="yaml")
+    assert r.status_code == 500
+    assert r.json()["error"] == (
+        'invalid format: "\\"yaml\\""; expected "json" or a valid JSON Schema object'
+    )
+    r = post(model="llama3.2", options={"temperature": "hot"})
+    assert (r.status_code, r.json()) == (
+        500,
+        {"error": 'option "temperature" must be of type float32'},
+    )
+    r = httpx.post(f"{ollama.url}/api/chat", content=b"")
+    assert (r.status_code, r.json()) == (400, {"error": "missing request body"})
+    ollama.fail_next_ollama(
+        503, "server busy, please try again.  maximum pending requests exceeded"
+    )
+    assert post(model="llama3.2").status_code == 503
+    # the embedding API still works next to chat
+    r = httpx.post(f"{ollama.url}/api/embed", json={"model": "all-minilm", "input": "x"})
+    assert r.json()["embeddings"] == [ollama.vector_for("x")]
+
+
+def test_ollama_in_stream_error_and_drop(ollama: FakeOllama) -> None:
+    ollama.error_after_tokens = (2, "llama runner process has terminated")
+    r, text = read_stream(f"{ollama.url}/api/chat", {"model": "llama3.2", "messages": MESSAGES})
+    assert r.status_code == 200
+    lines = ollama_lines(text)
+    assert [c.get("message", {}).get("content") for c in lines[:2]] == ["Hello", ","]
+    assert lines[-1] == {"error": "llama runner process has terminated"}
+    ollama.error_after_tokens = (0, "boom")  # nothing sent yet: an HTTP error
+    r = httpx.post(f"{ollama.url}/api/chat", json={"model": "llama3.2", "messages": MESSAGES})
+    assert (r.status_code, r.json()) == (500, {"error": "boom"})
+    ollama.error_after_tokens = None
+    ollama.disconnect_after_tokens = 3
+    lines_seen = stream_until_broken(
+        f"{ollama.url}/api/chat", {"model": "llama3.2", "messages": MESSAGES}
+    )
+    assert len(lines_seen) == 3
+    assert ollama.disconnects == 0
+
+
+def test_ollama_client_disconnect_and_slow_first_token(ollama: FakeOllama) -> None:
+    ollama.first_token_delay_s = 0.3
+    ollama.token_delay_s = 0.5
+    t0 = time.monotonic()
+    with httpx.stream(
+        "POST", f"{ollama.url}/api/chat", json={"model": "llama3.2", "messages": MESSAGES}
+    ) as r:
+        first = next(r.iter_lines())
+        assert time.monotonic() - t0 >= 0.3  # gin sends the headers with the first chunk
+        assert json.loads(first)["message"]["content"] == "Hello"
+    closed_at = time.monotonic()
+    assert ollama.wait_for_disconnects(1, timeout=1.0)
+    seen_at = ollama.last_disconnect_at
+    assert seen_at is not None and seen_at - closed_at < 0.5
