@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from daert.runtime.registry import DEFAULT_PORTS, default_metrics_port
-from daert.runtime.settings import ServerSettings
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
+
+from daert.runtime.registry import DEFAULT_PORTS, default_metrics_port
+from daert.runtime.settings import ServerSettings
 
 ReplicaKindName = Literal["lorax", "vllm", "tgi"]
 
@@ -104,12 +105,23 @@ class LoraSettings(ServerSettings):
         description="Base model of a Route that names none (and no adapter); empty: the first "
         "replica's.",
     )
+    spill_factor: float = Field(
+        2.0,
+        ge=1,
+        description="Adapter affinity: a replica holding the adapter gets the request unless "
+        "it is overloaded, i.e. its in-flight requests exceed spill_factor x the mean over "
+        "the replicas serving the base model + spill_margin; then the request spills to the "
+        "least loaded replica, which loads the adapter too.",
+    )
     spill_margin: int = Field(
-        2,
+        2, ge=0, description="Requests added to the overload limit (see spill_factor)."
+    )
+    popularity_half_life: int = Field(
+        10_000,
         ge=0,
-        description="Adapter affinity: a replica holding the adapter is preferred unless its "
-        "in-flight requests exceed the least loaded replica's by more than this many; then the "
-        "request spills to the least loaded replica, which loads the adapter too.",
+        description="Evictions drop a replica's least popular adapter, popularity being its "
+        "routes decayed with this half-life in routes (all adapters counted); 0 evicts the "
+        "least recently used instead.",
     )
     route_lease_s: float = Field(
         300.0,

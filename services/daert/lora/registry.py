@@ -15,6 +15,8 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
+from psycopg.rows import DictRow, dict_row
+
 from daert.lora.config import LoraSettings
 from daert.lora.model import AdapterRecord, AdapterSpec
 from daert.runtime.errors import (
@@ -24,7 +26,6 @@ from daert.runtime.errors import (
     PermissionDenied,
     Unavailable,
 )
-from psycopg.rows import DictRow, dict_row
 
 log = logging.getLogger("daert.lora.registry")
 

@@ -1,0 +1,174 @@
+"""The inference replicas over HTTP: health probes, and loading and unloading adapters on
+vLLM through its runtime LoRA API (`POST /v1/load_lora_adapter` {"lora_name", "lora_path"},
+`POST /v1/unload_lora_adapter` {"lora_name"}; the server runs with
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True).
+
+LoRAX loads an adapter by its source on the first request that names it, and TGI serves the
+adapters it was started with, so only vLLM replicas get load and unload calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import httpx
+from prometheus_client import Counter, Gauge
+
+from daert.lora.config import ReplicaConfig
+from daert.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ServiceError,
+)
+from daert.runtime.upstream import error_for_status, http_client, send
+
+log = logging.getLogger("daert.lora.replicas")
+
+REPLICA_READY = Gauge(
+    "daert_lora_replica_ready",
+    "1 when the replica answered its last /health probe, else 0.",
+    ["replica"],
+)
+UNLOADS = Counter(
+    "daert_lora_adapter_unloads_total",
+    "Adapters unloaded from a vLLM replica after the router evicted them.",
+    ["replica", "outcome"],
+)
+
+_PROBE_TIMEOUT_S = 2.0
+
+
+class Replica:
+    """One configured replica: its HTTP client and its health as last probed."""
+
+    def __init__(self, config: ReplicaConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.client = http_client(config.url, config.timeout_s)
+        self.ready: bool | None = None  # None until the first probe answers
+        self.ever_ready = False
+        # adapter -> the load in progress, so routes arriving meanwhile wait for it.
+        self.loading: dict[str, asyncio.Task[None]] = {}
+
+    async def probe(self) -> bool:
+        try:
+            response = await self.client.get("/health", timeout=_PROBE_TIMEOUT_S)
+        except httpx.HTTPError:
+            return False
+        return response.is_success
+
+
+class ReplicaPool:
+    def __init__(
+        self, configs: list[ReplicaConfig], on_restart: Callable[[str], Awaitable[None]]
+    ) -> None:
+        self.replicas = {c.name: Replica(c) for c in configs}
+        # Called with a replica's name when it answers again after failing its probes: it
+        # may have restarted, so what the router thinks is resident there is forgotten.
+        self._on_restart = on_restart
+
+    def get(self, name: str) -> Replica:
+        return self.replicas[name]
+
+    async def probe_all(self) -> None:
+        results = await asyncio.gather(*(r.probe() for r in self.replicas.values()))
+        for replica, ready in zip(self.replicas.values(), results, strict=True):
+            if ready != replica.ready:
+                log.info(
+                    "replica health",
+                    extra={"replica": replica.name, "ready": ready, "url": replica.config.url},
+                )
+            if ready and not replica.ready and replica.ever_ready:
+                await self._on_restart(replica.name)
+            replica.ready = ready
+            replica.ever_ready = replica.ever_ready or ready
+            REPLICA_READY.labels(replica.name).set(1 if ready else 0)
+
+    async def probe_forever(self, interval_s: float) -> None:
+        while True:
+            await self.probe_all()
+            await asyncio.sleep(interval_s)
+
+    async def load(self, replica_name: str, adapter: str, source: str) -> None:
+        """Make `adapter` resident on a vLLM replica (other kinds: nothing to do). Failures
+        raise a ServiceError saying which adapter, source and replica."""
+        replica = self.replicas[replica_name]
+        if replica.config.kind != "vllm":
+            return
+        task = asyncio.create_task(self._load(replica, adapter, source))
+        replica.loading[adapter] = task
+        try:
+            await asyncio.shield(task)  # a cancelled caller leaves the load to finish
+        finally:
+            if task.done():
+                replica.loading.pop(adapter, None)
+            else:
+                task.add_done_callback(lambda _: replica.loading.pop(adapter, None))
+
+    async def wait_loading(self, replica_name: str, adapter: str) -> None:
+        """Wait for a load of `adapter` that this process started on the replica, if one is
+        in progress; raises its error if it fails."""
+        task = self.replicas[replica_name].loading.get(adapter)
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def _load(self, replica: Replica, adapter: str, source: str) -> None:
+        what = f"loading adapter {adapter!r} ({source}) on replica {replica.name!r} failed"
+        try:
+            await send(
+                replica.client,
+                "POST",
+                "/v1/load_lora_adapter",
+                backend=f"vLLM replica {replica.name!r}",
+                url=replica.config.url,
+                invalid_field="adapter",
+                json={"lora_name": adapter, "lora_path": source},
+            )
+        except InvalidArgument as exc:
+            if "already been loaded" in exc.problem:  # loaded meanwhile, e.g. by hand
+                return
+            raise FailedPrecondition(f"{what}: {exc.problem}") from None
+        except (NotFound, FailedPrecondition) as exc:
+            # A source the replica cannot find or read is the registry's problem, not the
+            # caller's argument.
+            raise FailedPrecondition(f"{what}: {exc.message}") from None
+        except ServiceError as exc:
+            exc.message = f"{what}: {exc.message}"
+            raise
+
+    async def unload(self, replica_name: str, adapter: str) -> None:
+        """Best effort: free an evicted adapter on a vLLM replica. A failure is logged and
+        counted, never raised: the request that evicted it goes on."""
+        replica = self.replicas[replica_name]
+        if replica.config.kind != "vllm":
+            return
+        try:
+            response = await replica.client.post(
+                "/v1/unload_lora_adapter", json={"lora_name": adapter}
+            )
+        except httpx.HTTPError as exc:
+            outcome, detail = "unreachable", str(exc) or type(exc).__name__
+        else:
+            if response.is_success:
+                outcome, detail = "unloaded", ""
+            elif response.status_code == 404:  # not loaded there (restarted meanwhile)
+                outcome, detail = "not_loaded", ""
+            else:
+                outcome = "failed"
+                detail = error_for_status(response, "vLLM", "adapter").message
+        UNLOADS.labels(replica.name, outcome).inc()
+        if detail:
+            log.warning(
+                "unloading an evicted adapter failed",
+                extra={"replica": replica.name, "adapter": adapter, "error": detail},
+            )
+
+    async def close(self) -> None:
+        for replica in self.replicas.values():
+            for task in replica.loading.values():
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await replica.client.aclose()
