@@ -17,7 +17,12 @@ from daert.generation.backends import Completion, GenerationBackend, create_back
 from daert.generation.cache import CachedAnswer, CacheKey, ResponseCache, SemanticIndex, cache_key
 from daert.generation.config import GenerationSettings, ModelConfig
 from daert.generation.flights import Flights
-from daert.generation.relay import RetryPolicy, complete_with_retries, stream_with_retries
+from daert.generation.relay import (
+    RetryPolicy,
+    complete_with_retries,
+    merge_backlog,
+    stream_with_retries,
+)
 from daert.generation.request import (
     Delta,
     Finished,
@@ -180,6 +185,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         received = time.perf_counter()
         plan = self._plan(request)
         events, cached = await self._events(plan, streaming=True)
+        events = merge_backlog(events)
         started: Started | None = None
         first_token: float | None = None
         async with aclosing(events):

@@ -75,6 +75,7 @@ class OllamaBackend:
 
     async def stream(self, call: UpstreamCall) -> AsyncGenerator[StreamEvent, None]:
         path, body = self._request(call, stream=True)
+        finished: Finished | None = None
         async with open_stream(
             self._http, path, backend=LABEL, url=self.url, invalid_field="params", json=body
         ) as response:
@@ -88,9 +89,12 @@ class OllamaBackend:
                 if text:
                     yield Delta(text)
                 if chunk.get("done"):
-                    yield _finished(chunk)
-                    return
-        raise Unavailable(f"{LABEL} at {self.url} ended the stream before done")
+                    finished = _finished(chunk)
+        # Finished only once the body has ended: a connection left mid-body is closed
+        # instead of going back to the pool.
+        if finished is None:
+            raise Unavailable(f"{LABEL} at {self.url} ended the stream before done")
+        yield finished
 
     def _request(self, call: UpstreamCall, *, stream: bool) -> tuple[str, dict[str, Any]]:
         request = call.input

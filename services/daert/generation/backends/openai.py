@@ -82,9 +82,12 @@ class OpenAIBackend:
         async with open_stream(
             self._http, path, backend=LABEL, url=self.url, invalid_field="params", json=body
         ) as response:
+            # Read to the end of the body, past [DONE]: a connection left mid-body is
+            # closed instead of going back to the pool, and the next request would pay
+            # for a new one.
             async for event in EventSource(response).aiter_sse():
                 if event.data.strip() == "[DONE]":
-                    break
+                    continue
                 chunk = json_object(event.data, LABEL)
                 if "error" in chunk or chunk.get("object") == "error":
                     raise Unavailable(f"{LABEL} failed mid-stream: {error_text(chunk)}")

@@ -79,6 +79,7 @@ class TgiBackend:
 
     async def stream(self, call: UpstreamCall) -> AsyncGenerator[StreamEvent, None]:
         stop = _StopSequences(call.input.sampling.stop)
+        finished: Finished | None = None
         async with open_stream(
             self._http, "/generate_stream", backend=LABEL, url=self.url,
             invalid_field="params", json=self._body(call),
@@ -96,9 +97,11 @@ class TgiBackend:
                     finished = _finished(chunk["details"], None)
                     if rest := stop.finish(finished):
                         yield Delta(rest)
-                    yield finished
-                    return
-        raise Unavailable(f"{LABEL} at {self.url} ended the stream without details")
+        # Finished only once the body has ended: a connection left mid-body is closed
+        # instead of going back to the pool.
+        if finished is None:
+            raise Unavailable(f"{LABEL} at {self.url} ended the stream without details")
+        yield finished
 
     def _body(self, call: UpstreamCall) -> dict[str, Any]:
         request = call.input
