@@ -4,8 +4,10 @@
 The request is `{"inputs": <text>, "parameters": {...}}`; `details: true` makes TGI report
 the finish reason ("length", "eos_token", "stop_sequence") and token counts. The stream is
 SSE, one `data:` event per token (`token.text`), the last one also carrying
-`generated_text` and `details` (`finish_reason`, `generated_tokens`, `input_length`). A
-failure inside a started stream is an event `{"error": ..., "error_type": ...}`.
+`generated_text` and `details` (`finish_reason`, `generated_tokens`, `input_length`).
+/generate_stream always answers 200: a bad or shed request, and a failure inside a started
+stream, are an event `{"error": ..., "error_type": ...}` ("validation", "overloaded",
+"generation", "incomplete_generation").
 
 TGI's native API takes text, not messages: chat messages are formatted with the model's
 `chat_template` (Jinja, as in Hugging Face tokenizer configs) here. TGI includes the stop
@@ -26,7 +28,13 @@ from daert.generation.backends.base import Completion, UpstreamCall
 from daert.generation.backends.wire import error_text, json_object
 from daert.generation.config import ModelConfig
 from daert.generation.request import Delta, Finished, GenerationInput, StreamEvent
-from daert.runtime.errors import FailedPrecondition, Unavailable
+from daert.runtime.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 from daert.runtime.upstream import http_client, open_stream, send
 from daert.v1 import generation_pb2
 
@@ -87,7 +95,7 @@ class TgiBackend:
             async for event in EventSource(response).aiter_sse():
                 chunk = json_object(event.data, LABEL)
                 if "error" in chunk:
-                    raise Unavailable(f"{LABEL} failed mid-stream: {error_text(chunk)}")
+                    raise _stream_error(chunk)
                 token = chunk.get("token") or {}
                 if not token.get("special"):
                     text = stop.feed(str(token.get("text") or ""))
@@ -148,6 +156,20 @@ class TgiBackend:
 
     async def close(self) -> None:
         await self._http.aclose()
+
+
+def _stream_error(event: dict[str, Any]) -> ServiceError:
+    """/generate_stream answers 200 even to bad or shed requests: the error event's
+    `error_type` says which status an HTTP answer would have had."""
+    message = f"{LABEL}: {error_text(event)}"
+    match event.get("error_type"):
+        case "validation":
+            return InvalidArgument("params", message)
+        case "overloaded":
+            error = ResourceExhausted(message)
+            error.retryable = True  # shed before any work, like an HTTP 429
+            return error
+    return Unavailable(message)
 
 
 def _finished(details: dict[str, Any], prompt_tokens_header: str | None) -> Finished:

@@ -1,0 +1,334 @@
+"""Each backend's wire format, through a real generation server: TGI's native API (both SSE
+framings), Ollama's /api/chat and /api/generate, and what every backend shares (stream
+cancellation, a dropped connection) run against all three fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from daert.clients import GenerationClient
+from daert.testing import ServerProcess
+from daert.v1 import generation_pb2
+
+from tests.fakes.llm import FakeLLMServer
+from tests.fakes.ollama import FakeOllama
+from tests.fakes.openai import FakeOpenAI
+from tests.fakes.tgi import FakeTGI
+from tests.integration.generation_support import (
+    CHAT_TEMPLATE,
+    models_env,
+    render_chat,
+    request,
+)
+
+S = generation_pb2.SamplingParams
+F = generation_pb2.ResponseFormat
+TGI_STREAM, TGI_UNARY = "/generate_stream", "/generate"
+
+
+@pytest.fixture(scope="module")
+def tgi() -> Iterator[FakeTGI]:
+    with FakeTGI() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def tgi_spaced() -> Iterator[FakeTGI]:
+    with FakeTGI(sse_space=True) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def ollama() -> Iterator[FakeOllama]:
+    with FakeOllama() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def vllm() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(models=["base-model"]) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def fakes(
+    tgi: FakeTGI, tgi_spaced: FakeTGI, ollama: FakeOllama, vllm: FakeOpenAI
+) -> dict[str, FakeLLMServer]:
+    return {"tgi": tgi, "tgi-spaced": tgi_spaced, "ollama": ollama, "vllm": vllm}
+
+
+@pytest.fixture(scope="module")
+def generation(
+    tgi: FakeTGI, tgi_spaced: FakeTGI, ollama: FakeOllama, vllm: FakeOpenAI
+) -> Iterator[ServerProcess]:
+    env = models_env(
+        {"name": "tgi", "backend": "tgi", "url": tgi.url, "chat_template": CHAT_TEMPLATE,
+         "adapters": "direct"},
+        {"name": "tgi-spaced", "backend": "tgi", "url": tgi_spaced.url,
+         "chat_template": CHAT_TEMPLATE},
+        {"name": "tgi-raw", "backend": "tgi", "url": tgi.url},
+        {"name": "ollama", "backend": "ollama", "url": ollama.url, "upstream_model": "llama3.2",
+         "keep_alive": "10m"},
+        {"name": "ollama-unpulled", "backend": "ollama", "url": ollama.url,
+         "upstream_model": "mistral"},
+        {"name": "vllm", "backend": "openai", "url": vllm.url, "upstream_model": "base-model"},
+        retry_backoff_s=0.05,
+    )  # fmt: skip
+    with ServerProcess("generation", env) as server:
+        server.wait_health("SERVING", 30)
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _reset(fakes: dict[str, FakeLLMServer]) -> None:
+    for fake in fakes.values():
+        fake.reset()
+
+
+@pytest.fixture
+async def client(generation: ServerProcess) -> AsyncIterator[GenerationClient]:
+    async with GenerationClient(generation.target, max_attempts=1) as c:
+        yield c
+
+
+async def stream(client: GenerationClient, req: Any) -> list[Any]:
+    return [m async for m in client.stub.GenerateStream(req)]
+
+
+def chat_prompt(text: str = "hello there") -> str:
+    return render_chat([("user", text)])
+
+
+# --- TGI -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["tgi", "tgi-spaced"], ids=["data:", "data: "])
+async def test_tgi_chat_unary_and_stream(
+    client: GenerationClient, fakes: dict[str, FakeLLMServer], model: str
+) -> None:
+    fake = fakes[model]
+    assert isinstance(fake, FakeTGI)
+    expected = fake.generation(chat_prompt())
+    reply = await client.stub.Generate(request(model))
+    assert reply.text == expected.text == "Hello, I am a fake model."
+    assert reply.finish_reason == generation_pb2.FINISH_REASON_STOP  # eos_token
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    assert reply.usage.completion_tokens == expected.completion_tokens
+    assert reply.backend == generation_pb2.GENERATION_BACKEND_TGI
+    body = fake.requests_to(TGI_UNARY)[-1].json
+    assert body["inputs"] == chat_prompt()
+    assert body["parameters"]["details"] is True
+    assert body["parameters"]["do_sample"] is False  # temperature 0: greedy
+    assert "temperature" not in body["parameters"]  # TGI wants it strictly positive
+
+    messages = await stream(client, request(model, stream=True))
+    assert "".join(m.delta for m in messages) == expected.text
+    last = messages[-1]
+    assert last.finish_reason == generation_pb2.FINISH_REASON_STOP
+    assert last.usage.prompt_tokens == expected.prompt_tokens  # details.input_length
+    assert last.usage.completion_tokens == expected.completion_tokens
+
+
+async def test_tgi_cuts_the_stop_sequence_it_includes(
+    client: GenerationClient, tgi: FakeTGI
+) -> None:
+    params = S(temperature=0, stop=[" fake"])
+    assert tgi.expected_text(chat_prompt(), stop=[" fake"]) == "Hello, I am a fake"
+    reply = await client.stub.Generate(request("tgi", params=params))
+    assert reply.text == "Hello, I am a"
+    assert reply.finish_reason == generation_pb2.FINISH_REASON_STOP_SEQUENCE
+    messages = await stream(client, request("tgi", stream=True, params=params))
+    # Held back while it might still become the stop sequence, then dropped.
+    assert "".join(m.delta for m in messages) == "Hello, I am a"
+    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_STOP_SEQUENCE
+    # A stop sequence that never completes costs nothing.
+    params = S(temperature=0, stop=[" fakery"])
+    messages = await stream(client, request("tgi", stream=True, params=params))
+    assert "".join(m.delta for m in messages) == "Hello, I am a fake model."
+
+
+async def test_tgi_parameters_grammar_and_adapter(client: GenerationClient, tgi: FakeTGI) -> None:
+    params = S(max_tokens=5, temperature=0.7, top_p=1.0, top_k=40, repetition_penalty=1.1,
+               seed=42, stop=["\n"])  # fmt: skip
+    reply = await client.stub.Generate(request("tgi", params=params, adapter_id="acme/support"))
+    assert reply.finish_reason == generation_pb2.FINISH_REASON_LENGTH
+    assert reply.adapter_id == "acme/support"
+    parameters = tgi.requests_to(TGI_UNARY)[-1].json["parameters"]
+    assert parameters == {
+        "details": True, "return_full_text": False, "do_sample": True, "temperature": 0.7,
+        "max_new_tokens": 5, "top_k": 40, "repetition_penalty": 1.1, "seed": 42,
+        "stop": ["\n"], "adapter_id": "acme/support",
+    }  # fmt: skip
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    fmt = F(type=generation_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=json.dumps(schema))
+    reply = await client.stub.Generate(request("tgi", response_format=fmt))
+    assert json.loads(reply.text) == {"answer": "Hello"}
+    grammar = tgi.requests_to(TGI_UNARY)[-1].json["parameters"]["grammar"]
+    assert grammar == {"type": "json", "value": schema}
+    regex = F(type=generation_pb2.RESPONSE_FORMAT_TYPE_REGEX, regex="[0-9]{3}")
+    await stream(client, request("tgi", stream=True, response_format=regex))
+    grammar = tgi.requests_to(TGI_STREAM)[-1].json["parameters"]["grammar"]
+    assert grammar == {"type": "regex", "value": "[0-9]{3}"}
+
+
+async def test_tgi_raw_prompt_and_the_chat_template_requirement(
+    client: GenerationClient, tgi: FakeTGI
+) -> None:
+    reply = await client.stub.Generate(request("tgi-raw", "Once upon a time", prompt=True))
+    assert tgi.requests_to(TGI_UNARY)[-1].json["inputs"] == "Once upon a time"
+    assert reply.text == tgi.expected_text("Once upon a time")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await client.stub.Generate(request("tgi-raw"))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "chat_template" in (error.value.details() or "")
+
+
+async def test_tgi_rejections_inside_a_200_stream_are_statuses(
+    client: GenerationClient, tgi: FakeTGI
+) -> None:
+    # Validation: the prompt plus max_new_tokens exceed the model's max_total_tokens.
+    too_many = request("tgi", stream=True, params=S(temperature=0, max_tokens=100_000))
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stream(client, too_many)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_new_tokens" in (error.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await client.stub.Generate(request("tgi", params=S(temperature=0, max_tokens=100_000)))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # 422 on /generate
+    # Overload is shed before any work: retried, then RESOURCE_EXHAUSTED.
+    tgi.fail_next_tgi(429, "Model is overloaded", "overloaded", times=3)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await client.stub.Generate(request("tgi"))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(tgi.requests_to(TGI_UNARY)) == 4  # the validation failure + 3 attempts
+
+
+async def test_tgi_error_event_mid_stream(client: GenerationClient, tgi: FakeTGI) -> None:
+    tgi.error_after_tokens = (3, "Request failed during generation: Unexpected<'CUDA OOM'>")
+    messages = await stream(client, request("tgi", stream=True))
+    assert "".join(m.delta for m in messages) == "Hello, I"
+    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_ERROR
+    assert "CUDA OOM" in messages[-1].error
+
+
+# --- Ollama ----------------------------------------------------------------------------------
+
+
+async def test_ollama_chat_unary_and_stream(client: GenerationClient, ollama: FakeOllama) -> None:
+    expected = ollama.generation("hello there")
+    reply = await client.stub.Generate(request("ollama"))
+    assert reply.text == expected.text
+    assert reply.finish_reason == generation_pb2.FINISH_REASON_STOP
+    assert reply.usage.prompt_tokens == expected.prompt_tokens  # prompt_eval_count
+    assert reply.usage.completion_tokens == expected.completion_tokens  # eval_count
+    assert reply.backend == generation_pb2.GENERATION_BACKEND_OLLAMA
+    body = ollama.requests_to("/api/chat")[-1].json
+    assert body["model"] == "llama3.2" and body["stream"] is False
+    assert body["messages"] == [{"role": "user", "content": "hello there"}]
+    assert body["keep_alive"] == "10m"
+    messages = await stream(client, request("ollama", stream=True))
+    assert "".join(m.delta for m in messages) == expected.text
+    assert messages[-1].usage.completion_tokens == expected.completion_tokens
+    assert ollama.requests_to("/api/chat")[-1].json["stream"] is True
+
+
+async def test_ollama_options_format_and_raw_prompt(
+    client: GenerationClient, ollama: FakeOllama
+) -> None:
+    params = S(max_tokens=3, temperature=0.5, top_p=0.9, top_k=20, repetition_penalty=1.2,
+               seed=1, stop=["END"])  # fmt: skip
+    reply = await client.stub.Generate(request("ollama", params=params))
+    assert reply.finish_reason == generation_pb2.FINISH_REASON_LENGTH  # done_reason "length"
+    assert ollama.requests_to("/api/chat")[-1].json["options"] == {
+        "num_predict": 3, "temperature": 0.5, "top_p": 0.9, "top_k": 20,
+        "repeat_penalty": 1.2, "seed": 1, "stop": ["END"],
+    }  # fmt: skip
+    await client.stub.Generate(request("ollama", response_format=F(type=2)))
+    assert ollama.requests_to("/api/chat")[-1].json["format"] == "json"
+    schema = {"type": "object"}
+    fmt = F(type=generation_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=json.dumps(schema))
+    await client.stub.Generate(request("ollama", response_format=fmt))
+    assert ollama.requests_to("/api/chat")[-1].json["format"] == schema
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await client.stub.Generate(request("ollama", response_format=F(type=4, regex="a+")))
+    assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    messages = await stream(client, request("ollama", "Once upon a time", prompt=True, stream=True))
+    assert "".join(m.delta for m in messages) == ollama.expected_text("Once upon a time")
+    body = ollama.requests_to("/api/generate")[-1].json
+    assert (body["prompt"], body["raw"]) == ("Once upon a time", True)
+
+
+async def test_ollama_failures(client: GenerationClient, ollama: FakeOllama) -> None:
+    ollama.error_after_tokens = (2, "llama runner process has terminated")
+    messages = await stream(client, request("ollama", stream=True))
+    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_ERROR
+    assert "llama runner process has terminated" in messages[-1].error
+    ollama.reset()
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await client.stub.Generate(request("ollama-unpulled"))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "not found" in (error.value.details() or "")
+
+
+async def test_ollama_readiness_names_a_model_not_pulled(client: GenerationClient) -> None:
+    reply = await client.stub.ListModels(generation_pb2.GenerationServiceListModelsRequest())
+    models = {m.name: m for m in reply.models}
+    assert models["ollama"].ready
+    assert not models["ollama-unpulled"].ready
+    assert "ollama pull mistral" in models["ollama-unpulled"].unavailable_reason
+
+
+# --- every backend -------------------------------------------------------------------------
+
+STREAM_PATHS = {
+    "tgi": TGI_STREAM,
+    "tgi-spaced": TGI_STREAM,
+    "ollama": "/api/chat",
+    "vllm": "/v1/chat/completions",
+}
+
+
+@pytest.mark.parametrize("model", sorted(STREAM_PATHS))
+async def test_cancel_mid_stream_closes_each_upstream_within_a_second(
+    client: GenerationClient, fakes: dict[str, FakeLLMServer], model: str
+) -> None:
+    fake = fakes[model]
+    fake.token_delay_s = 0.2
+    call = client.stub.GenerateStream(request(model, stream=True))
+    assert (await call.read()).delta == "Hello"
+    cancelled_at = time.monotonic()
+    call.cancel()
+    assert await asyncio.to_thread(fake.wait_for_disconnects, 1, 1.0)
+    assert fake.last_disconnect_at is not None
+    assert fake.last_disconnect_at - cancelled_at < 1.0
+    assert len(fake.requests_to(STREAM_PATHS[model])) == 1
+
+
+@pytest.mark.parametrize("model", sorted(STREAM_PATHS))
+async def test_a_dropped_connection_mid_stream_is_not_retried(
+    client: GenerationClient, fakes: dict[str, FakeLLMServer], model: str
+) -> None:
+    fake = fakes[model]
+    fake.disconnect_after_tokens = 3
+    messages = await stream(client, request(model, stream=True))
+    assert "".join(m.delta for m in messages).startswith("Hello")
+    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_ERROR
+    assert messages[-1].error
+    assert len(fake.requests_to(STREAM_PATHS[model])) == 1
+
+
+@pytest.mark.parametrize("model", sorted(STREAM_PATHS))
+async def test_a_slow_first_token_is_waited_for(
+    client: GenerationClient, fakes: dict[str, FakeLLMServer], model: str
+) -> None:
+    fakes[model].first_token_delay_s = 0.5
+    messages = await stream(client, request(model, stream=True))
+    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_STOP
+    assert messages[-1].timings.time_to_first_token.ToMilliseconds() >= 450
