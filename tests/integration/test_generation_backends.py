@@ -29,6 +29,8 @@ from tests.integration.generation_support import (
 
 S = generation_pb2.SamplingParams
 F = generation_pb2.ResponseFormat
+R_JSON_OBJECT = generation_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT
+R_REGEX = generation_pb2.RESPONSE_FORMAT_TYPE_REGEX
 TGI_STREAM, TGI_UNARY = "/generate_stream", "/generate"
 
 
@@ -249,14 +251,14 @@ async def test_ollama_options_format_and_raw_prompt(
         "num_predict": 3, "temperature": 0.5, "top_p": 0.9, "top_k": 20,
         "repeat_penalty": 1.2, "seed": 1, "stop": ["END"],
     }  # fmt: skip
-    await client.stub.Generate(request("ollama", response_format=F(type=2)))
+    await client.stub.Generate(request("ollama", response_format=F(type=R_JSON_OBJECT)))
     assert ollama.requests_to("/api/chat")[-1].json["format"] == "json"
     schema = {"type": "object"}
     fmt = F(type=generation_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=json.dumps(schema))
     await client.stub.Generate(request("ollama", response_format=fmt))
     assert ollama.requests_to("/api/chat")[-1].json["format"] == schema
     with pytest.raises(grpc.aio.AioRpcError) as error:
-        await client.stub.Generate(request("ollama", response_format=F(type=4, regex="a+")))
+        await client.stub.Generate(request("ollama", response_format=F(type=R_REGEX, regex="a+")))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     messages = await stream(client, request("ollama", "Once upon a time", prompt=True, stream=True))

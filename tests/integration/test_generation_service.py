@@ -191,6 +191,10 @@ async def test_list_models(client: GenerationClient) -> None:
 # --- bad input -----------------------------------------------------------------------------
 
 F = generation_pb2.ResponseFormat
+R_TEXT = generation_pb2.RESPONSE_FORMAT_TYPE_TEXT
+R_JSON_OBJECT = generation_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT
+R_JSON_SCHEMA = generation_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA
+R_REGEX = generation_pb2.RESPONSE_FORMAT_TYPE_REGEX
 S = generation_pb2.SamplingParams
 BAD_INPUT: list[tuple[str, dict[str, Any]]] = [
     ("messages", {"messages": [user("a")], "prompt": "b"}),
@@ -208,14 +212,23 @@ BAD_INPUT: list[tuple[str, dict[str, Any]]] = [
     ("params.stop[1]", {"params": S(stop=["ok", ""])}),
     ("params.stop", {"params": S(stop=[str(i) for i in range(17)])}),
     ("params.seed", {"params": S(seed=-1)}),
-    ("response_format.json_schema", {"response_format": F(type=3)}),
-    ("response_format.json_schema", {"response_format": F(type=3, json_schema="{not json")}),
-    ("response_format.json_schema", {"response_format": F(type=3, json_schema="[1, 2]")}),
-    ("response_format.json_schema", {"response_format": F(type=1, json_schema="{}")}),
-    ("response_format.regex", {"response_format": F(type=1, regex="a+")}),
-    ("response_format.regex", {"response_format": F(type=4)}),
-    ("response_format.regex", {"response_format": F(type=4, regex="(unclosed")}),
-    ("response_format.type", {"response_format": F(type=99)}),
+    ("response_format.json_schema", {"response_format": F(type=R_JSON_SCHEMA)}),
+    (
+        "response_format.json_schema",
+        {"response_format": F(type=R_JSON_SCHEMA, json_schema="{not json")},
+    ),
+    (
+        "response_format.json_schema",
+        {"response_format": F(type=R_JSON_SCHEMA, json_schema="[1, 2]")},
+    ),
+    ("response_format.json_schema", {"response_format": F(type=R_TEXT, json_schema="{}")}),
+    ("response_format.regex", {"response_format": F(type=R_TEXT, regex="a+")}),
+    ("response_format.regex", {"response_format": F(type=R_REGEX)}),
+    ("response_format.regex", {"response_format": F(type=R_REGEX, regex="(unclosed")}),
+    (
+        "response_format.type",
+        {"response_format": F(type=generation_pb2.ResponseFormatType.ValueType(99))},
+    ),
     ("adapter_id", {"model": "plain", "adapter_id": "sql-expert"}),
     ("adapter_id", {"adapter_id": "auto"}),
 ]
@@ -424,7 +437,7 @@ async def test_only_deterministic_requests_are_cached_unless_opted_in(
         {"params": S(temperature=0, stop=["."])},
         {"tenant": "acme"},
         {"adapter_id": "sql-expert"},
-        {"response_format": F(type=2)},
+        {"response_format": F(type=R_JSON_OBJECT)},
         {"text": "hello there!"},
     ],
     ids=["max_tokens", "stop", "tenant", "adapter", "response_format", "text"],
