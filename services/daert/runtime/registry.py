@@ -27,10 +27,12 @@ def default_metrics_port(service: str) -> int:
 
 # name -> module exposing SPEC. Later services add a line here as they land.
 SERVICES: dict[str, str] = {
+    "generation": "daert.generation.app",
     "embedding": "daert.embedding.app",
     "rerank": "daert.rerank.app",
     "retrieval": "daert.retrieval.app",
     "sandbox": "daert.sandbox.app",
+    "lora": "daert.lora.app",
 }
 
 
