@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from daert.embedding.config import EmbeddingSettings
+from daert.generation.config import GenerationSettings
+from daert.lora.config import LoraSettings
 from daert.rerank.config import RerankSettings
 from daert.retrieval.config import RetrievalSettings
 from daert.runtime.registry import SERVICES as IMPLEMENTED
@@ -20,6 +22,8 @@ from pydantic_settings import BaseSettings
 from tests.chart.conftest import ALL_ON, CHART, FULLNAME, PROFILES, render, render_error
 
 SETTINGS: dict[str, type[BaseSettings]] = {
+    "generation": GenerationSettings,
+    "lora": LoraSettings,
     "embedding": EmbeddingSettings,
     "rerank": RerankSettings,
     "retrieval": RetrievalSettings,
@@ -27,7 +31,12 @@ SETTINGS: dict[str, type[BaseSettings]] = {
 }
 # Settings the chart sets itself, and secrets that only come through secretEnv.
 CHART_MANAGED = {"port", "metrics_port", "grace_period_s"}
-SECRET_FIELDS = {"retrieval": {"dsn", "weaviate_api_key"}}
+# Data-store addresses the chart sets from `dependsOn` (or secretEnv for external ones).
+SECRET_FIELDS = {
+    "retrieval": {"dsn", "weaviate_api_key"},
+    "generation": {"redis_url", "redis_password"},
+    "lora": {"dsn", "redis_url", "redis_password"},
+}
 
 
 def test_every_implemented_service_is_covered() -> None:
@@ -47,13 +56,15 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_config_maps_hold_only_variables_the_service_reads(
     name: str, profile: str, clean_env: pytest.MonkeyPatch
 ) -> None:
-    rendered = render(files=PROFILES[profile])
+    rendered = render({name: {"enabled": True}}, files=PROFILES[profile])
     data = rendered.get("ConfigMap", f"{FULLNAME}-{name}")["data"]
     settings_cls = SETTINGS[name]
     prefix = f"DAERT_{name.upper()}_"
     fields = set(settings_cls.model_fields)
     assert data
     for key in data:
+        if key.endswith("_TARGET") and key.removeprefix("DAERT_").count("_") == 1:
+            continue  # the address of a service it calls, read by daert.clients
         assert key.startswith(prefix), f"{key}: not a {name} setting"
         assert key.removeprefix(prefix).lower() in fields, (
             f"{key}: {settings_cls.__name__} has no such field"

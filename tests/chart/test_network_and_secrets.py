@@ -70,7 +70,12 @@ def test_each_service_reaches_only_what_it_needs() -> None:
         "embedding": {"dns": [53, 53]},
         "rerank": {"dns": [53, 53]},
         "retrieval": {"dns": [53, 53], "postgresql": [5432]},
-        "generation": {"dns": [53, 53], "redis": [6379]},
+        "generation": {
+            "dns": [53, 53],
+            "redis": [6379],
+            "lora": [50057],
+            "embedding": [50052],
+        },
         "context": {"dns": [53, 53], "generation": [50051], "redis": [6379]},
         "lora": {"dns": [53, 53], "postgresql": [5432], "redis": [6379], "embedding": [50052]},
         "gateway": {
