@@ -23,7 +23,13 @@ def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path
         env[f"DAERT_{service.upper()}_PORT"] = str(ports[service][0])
         env[f"DAERT_{service.upper()}_METRICS_PORT"] = str(ports[service][1])
     grpc_port = ports["embedding"][0]
-    env.pop("DAERT_RETRIEVAL_DSN", None)  # so that `up` starts its embedded PostgreSQL
+    for var in ("DAERT_RETRIEVAL_DSN", "DAERT_LORA_DSN", "DAERT_GENERATION_REDIS_URL",
+                "DAERT_LORA_REDIS_URL"):  # fmt: skip
+        env.pop(var, None)  # so that `up` starts its embedded PostgreSQL and Redis
+    # The default Ollama at localhost:11434 may or may not run here: point at none.
+    env["DAERT_GENERATION_MODELS"] = json.dumps(
+        [{"name": "llama3.2", "url": f"http://127.0.0.1:{free_port()}"}]
+    )
     env["DAERT_STATE_DIR"] = str(tmp_path / "state")
     out = (tmp_path / "up.out").open("w+")
     up = subprocess.Popen(
@@ -44,6 +50,13 @@ def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path
             assert f"{service:<12} grpc localhost:{service_port}" in banner
             assert f"http://localhost:{service_metrics}/metrics" in banner
         assert "grpcurl -plaintext" in banner
+        # Generation waits for an LLM server outside the stack: up, but NOT_SERVING, and why.
+        lines = banner.splitlines()
+        row = next(i for i, line in enumerate(lines) if line.startswith("  generation   grpc"))
+        assert "NOT_SERVING" in lines[row + 1]
+        assert "NOT_SERVING" not in lines[row + 2]  # every other service is SERVING
+        assert "unreachable" in banner  # the service's own log line, above the banner
+        assert "started Redis at redis://127.0.0.1:" in banner
 
         result = subprocess.run(
             [
@@ -91,6 +104,22 @@ def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path
         )
         assert json.loads(result.stdout)["created"] is True
         assert (tmp_path / "state" / "pgdata" / "PG_VERSION").exists()
+        # The LoRA router has its registry in the same embedded PostgreSQL.
+        result = subprocess.run(
+            [
+                str(grpcurl),
+                "-plaintext",
+                "-d",
+                "{}",
+                f"localhost:{ports['lora'][0]}",
+                "daert.v1.LoraRouterService/ListAdapters",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        assert json.loads(result.stdout) == {}
 
         up.send_signal(signal.SIGTERM)
         assert up.wait(60) == 0
