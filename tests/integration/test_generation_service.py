@@ -553,3 +553,62 @@ def test_health_follows_the_default_models_server() -> None:
         with FakeOpenAI(models=["m"], port=port):
             server.wait_health("SERVING", 10)
         server.wait_health("NOT_SERVING", 10)
+
+
+# --- semantic cache ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def semantic(
+    vllm: FakeOpenAI, cache_url: str, embedding_server: ServerProcess
+) -> Iterator[ServerProcess]:
+    env = models_env(
+        {"name": "vllm", "backend": "openai", "url": vllm.url, "upstream_model": "base-model"},
+        redis_url=cache_url,
+        semantic_cache="true",
+        semantic_cache_threshold=0.95,
+    )
+    env["DAERT_EMBEDDING_TARGET"] = embedding_server.target
+    with ServerProcess("generation", env) as server:
+        server.wait_health("SERVING", 30)
+        yield server
+
+
+async def test_the_semantic_cache_answers_a_paraphrase_in_scope_only(
+    semantic: ServerProcess, vllm: FakeOpenAI
+) -> None:
+    async with GenerationClient(semantic.target, max_attempts=1) as client:
+        first = await client.stub.Generate(request("vllm", "How do I reset my password?"))
+        assert not first.cached
+        # all-MiniLM-L6-v2 cosine 0.985: answered from the cache.
+        paraphrase = await client.stub.Generate(request("vllm", "how can I reset my password"))
+        assert paraphrase.cached and paraphrase.text == first.text
+        assert upstream_calls(vllm) == 1
+        # Cosine 0.87 (a different question), another tenant, other parameters: generated.
+        for other in (
+            request("vllm", "How do I change my password?"),
+            request("vllm", "how can I reset my password", tenant="acme"),
+            request("vllm", "how can I reset my password", params=S(temperature=0, seed=3)),
+        ):
+            assert not (await client.stub.Generate(other)).cached
+        assert upstream_calls(vllm) == 4
+
+
+def test_without_the_embedding_service_the_semantic_cache_steps_aside(
+    vllm: FakeOpenAI, cache_url: str
+) -> None:
+    env = models_env(
+        {"name": "vllm", "backend": "openai", "url": vllm.url, "upstream_model": "base-model"},
+        redis_url=cache_url,
+        semantic_cache="true",
+    )
+    env["DAERT_EMBEDDING_TARGET"] = f"127.0.0.1:{free_port()}"
+
+    async def twice() -> list[bool]:
+        async with GenerationClient(server.target, max_attempts=1) as client:
+            return [(await client.stub.Generate(request("vllm"))).cached for _ in range(2)]
+
+    with ServerProcess("generation", env) as server:
+        server.wait_health("SERVING", 30)
+        assert asyncio.run(twice()) == [False, True]  # the exact cache still works
+        assert metric(server.metrics_port, "daert_generation_semantic_cache_errors_total") >= 1

@@ -162,13 +162,16 @@ class SemanticIndex:
         self._model = embedding_model
         self._max_entries = max_entries
         self._ttl_s = ttl_s
-        self._embeddings = EmbeddingClient(timeout_s=5.0, max_attempts=1)
+        # Made on first use: a gRPC channel belongs to the event loop it was made in.
+        self._embeddings: EmbeddingClient | None = None
         # Vectors computed by find(), reused by add() for the same text.
         self._recent: dict[str, bytes] = {}
 
     async def _vector(self, text: str) -> bytes | None:
         if text in self._recent:
             return self._recent[text]
+        if self._embeddings is None:
+            self._embeddings = EmbeddingClient(timeout_s=5.0, max_attempts=1)
         try:
             [vector] = await self._embeddings.embed_texts(
                 [text], model=self._model, input_type=embedding_pb2.INPUT_TYPE_QUERY
@@ -228,4 +231,5 @@ class SemanticIndex:
         await self._redis.attempt("semantic_add", add_and_trim, None)
 
     async def close(self) -> None:
-        await self._embeddings.close()
+        if self._embeddings is not None:
+            await self._embeddings.close()
