@@ -51,12 +51,28 @@ async def test_affinity_second_route_goes_where_the_adapter_is() -> None:
     assert (first.in_flight, second.in_flight) == (1, 2)
 
 
-async def test_cold_start_goes_to_the_least_loaded_replica() -> None:
+async def test_cold_start_prefers_a_free_slot_then_the_less_loaded() -> None:
     state = local()
     slots = [Slot("r0", 4), Slot("r1", 4)]
     placed = await place_all(state, slots, "a b c")
     assert [p.replica for p in placed] == ["r0", "r1", "r0"]
     assert all(p.loaded for p in placed)
+
+
+async def test_cold_start_evicts_the_cheapest_victim_within_the_margin() -> None:
+    state = local(LRU)  # spill_margin 2
+    slots = [Slot("r0", 1), Slot("r1", 1)]
+    await state.place(slots, "a")  # r0, stays in flight
+    b = await state.place(slots, "b")  # r1, the less loaded
+    assert b.replica == "r1"
+    await state.release(b.route_id)
+    # r0 is busier (1 vs 0) but within the margin, and its "a" is older than r1's "b".
+    c = await state.place(slots, "c")
+    assert (c.replica, c.evicted) == ("r0", ("a",))
+    far = local(Policy(spill_factor=2.0, spill_margin=0, popularity_half_life=0, lease_s=60))
+    await far.place(slots, "a")
+    await far.release((await far.place(slots, "b")).route_id)
+    assert (await far.place(slots, "c")).evicted == ("b",)  # margin 0: the least loaded
 
 
 async def test_lru_evicts_the_least_recently_used_and_lists_mru_first() -> None:

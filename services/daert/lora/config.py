@@ -114,7 +114,11 @@ class LoraSettings(ServerSettings):
         "least loaded replica, which loads the adapter too.",
     )
     spill_margin: int = Field(
-        2, ge=0, description="Requests added to the overload limit (see spill_factor)."
+        2,
+        ge=0,
+        description="Requests added to the overload limit (see spill_factor); a cold start "
+        "may also go to any replica within this many requests of the least loaded one, the "
+        "one whose eviction costs least.",
     )
     popularity_half_life: int = Field(
         10_000,

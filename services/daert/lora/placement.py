@@ -12,12 +12,14 @@ The rule, over the replicas that serve the request's base model:
   2. A replica holding the adapter (the least loaded of them) unless it is overloaded: its
      load exceeds `spill_factor` x the mean load + `spill_margin`. Then the request spills
      to step 3, and the adapter becomes resident on a second replica.
-  3. Cold start: the least loaded replica; among equals, one with a free slot, else the one
-     whose least popular resident adapter is the least popular of all. The adapter is loaded
-     there and, beyond the replica's capacity, its least popular adapter is evicted.
-Ties go to the first replica in configuration order. Why popularity rather than recency for
-evictions: one-off requests for rare adapters then replace each other instead of pushing
-out adapters that are used all the time (bench/lora_router_bench.py measures both).
+  3. Cold start: among the replicas whose load is within `spill_margin` of the least loaded,
+     one with a free slot, else the one whose least popular resident adapter is the least
+     popular of all (then the less loaded). The adapter is loaded there and, beyond the
+     replica's capacity, its least popular adapter is evicted. Choosing the victim across
+     replicas keeps the churn of rarely used adapters in few slots.
+Remaining ties go to the first replica in configuration order. Why popularity rather than
+recency for evictions: one-off requests for rare adapters then replace each other instead of
+pushing out adapters that are used all the time (bench/lora_router_bench.py measures both).
 
 With Redis, choosing and recording happen in one Lua script, so concurrent routes from
 several router processes see each other's choices (two cold routes for an adapter cannot
@@ -163,13 +165,16 @@ elseif adapter == '' then
 else
   local best_value = nil
   for i = 1, n do
-    if loads[i] == min_load then
+    if loads[i] <= min_load + margin then
       local value = -math.huge
       if redis.call('ZCARD', KEYS[i]) >= capacity(i) then
         local _, s = victim(i)
         value = s
       end
-      if best_value == nil or value < best_value then choice, best_value = i, value end
+      if best_value == nil or value < best_value
+          or (value == best_value and loads[i] < loads[choice]) then
+        choice, best_value = i, value
+      end
     end
   end
 end
@@ -233,12 +238,11 @@ class LocalPlacement:
         ]
         holders = [i for i, held in enumerate(holds) if held]
         holder = min(holders, key=lambda i: loads[i]) if holders else None
-        least = [i for i, load in enumerate(loads) if load == min_load]
         limit = policy.spill_factor * sum(loads) / len(loads) + policy.spill_margin
         if holder is not None and loads[holder] <= limit:
             choice = holder
         elif not adapter:
-            choice = least[0]
+            choice = loads.index(min_load)
         else:
 
             def victim_value(i: int) -> float:
@@ -247,7 +251,8 @@ class LocalPlacement:
                     return -math.inf
                 return self._victim(slot.name, adapter)[1]
 
-            choice = min(least, key=victim_value)
+            near = [i for i, load in enumerate(loads) if load <= min_load + policy.spill_margin]
+            choice = min(near, key=lambda i: (victim_value(i), loads[i]))
         slot = candidates[choice]
         self._leases.setdefault(slot.name, {})[token] = now + policy.lease_s
         evicted: list[str] = []
