@@ -413,22 +413,16 @@ class PlacementState:
         # A route placed while Redis was down is known only here.
         return bool(await self._attempt("release", run)) or local
 
-    async def undo(self, placement: Placement, adapter: str) -> None:
-        """Take back a placement whose adapter could not be loaded: the lease and the
-        adapter's residency on that replica."""
-        replica = placement.replica
-        token = placement.route_id.rpartition(ROUTE_ID_SEPARATOR)[2]
-        self._local.release(replica, token, self._clock())
+    async def drop(self, replica: str, adapter: str) -> None:
+        """Take back the residency a cold start recorded when the load failed."""
         self._local.drop(replica, adapter)
+        key = self._resident_key(replica)
 
         async def run() -> None:
             assert self._redis is not None
-            async with self._redis.client.pipeline(transaction=True) as pipe:
-                pipe.zrem(self._leases_key(replica), token)
-                pipe.zrem(self._resident_key(replica), adapter)
-                await pipe.execute()
+            await self._redis.client.zrem(key, adapter)
 
-        await self._attempt("undo", run)
+        await self._attempt("drop", run)
 
     async def forget(self, adapter: str, replicas: Sequence[str]) -> list[str]:
         """Drop `adapter` from every replica and from the popularity counts (its weights

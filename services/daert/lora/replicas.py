@@ -21,7 +21,9 @@ from daert.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     ServiceError,
+    Unavailable,
 )
 from daert.runtime.upstream import error_for_status, http_client, send
 
@@ -92,21 +94,35 @@ class ReplicaPool:
             await self.probe_all()
             await asyncio.sleep(interval_s)
 
-    async def load(self, replica_name: str, adapter: str, source: str) -> None:
-        """Make `adapter` resident on a vLLM replica (other kinds: nothing to do). Failures
-        raise a ServiceError saying which adapter, source and replica."""
+    async def load(
+        self,
+        replica_name: str,
+        adapter: str,
+        source: str,
+        on_failure: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Make `adapter` resident on a vLLM replica (other kinds: nothing to do). The load
+        runs to its end even if the caller goes away; when it fails, `on_failure` runs and
+        the error, naming the adapter, its source and the replica, is raised."""
         replica = self.replicas[replica_name]
         if replica.config.kind != "vllm":
             return
-        task = asyncio.create_task(self._load(replica, adapter, source))
+
+        async def run() -> None:
+            try:
+                await self._load(replica, adapter, source)
+            except ServiceError:
+                await on_failure()
+                raise
+            finally:
+                if replica.loading.get(adapter) is asyncio.current_task():
+                    del replica.loading[adapter]
+
+        task = asyncio.create_task(run())
+        # Retrieved here, so a failure nobody awaits any more is not reported as lost.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
         replica.loading[adapter] = task
-        try:
-            await asyncio.shield(task)  # a cancelled caller leaves the load to finish
-        finally:
-            if task.done():
-                replica.loading.pop(adapter, None)
-            else:
-                task.add_done_callback(lambda _: replica.loading.pop(adapter, None))
+        await asyncio.shield(task)
 
     async def wait_loading(self, replica_name: str, adapter: str) -> None:
         """Wait for a load of `adapter` that this process started on the replica, if one is
@@ -135,9 +151,8 @@ class ReplicaPool:
             # A source the replica cannot find or read is the registry's problem, not the
             # caller's argument.
             raise FailedPrecondition(f"{what}: {exc.message}") from None
-        except ServiceError as exc:
-            exc.message = f"{what}: {exc.message}"
-            raise
+        except (ResourceExhausted, Unavailable) as exc:
+            raise type(exc)(f"{what}: {exc.message}") from None
 
     async def unload(self, replica_name: str, adapter: str) -> None:
         """Best effort: free an evicted adapter on a vLLM replica. A failure is logged and

@@ -163,26 +163,34 @@ class Router:
         slots = [Slot(r.name, r.max_resident_adapters, tuple(r.adapters)) for r in ready]
         placement = await self._placement.place(slots, name)
         replica = next(r for r in ready if r.name == placement.replica)
-        ROUTES.labels(choice.reason.value).inc()
         if placement.spilled:
             SPILLS.labels(replica.name).inc()
         if placement.evicted:
             EVICTIONS.labels(replica.name).inc(len(placement.evicted))
         if adapter is not None:
             await self._make_resident(adapter, replica, placement)
+        ROUTES.labels(choice.reason.value).inc()
         return Routed(choice, replica, placement)
 
     async def _make_resident(
         self, adapter: AdapterRecord, replica: ReplicaConfig, placement: Placement
     ) -> None:
+        """Have the adapter on the replica before the request goes there: load it on a cold
+        start (vLLM), or wait for a load this process has under way."""
         name = adapter.name
         try:
             if placement.loaded:
                 LOADS.labels(replica.name).inc()
                 started = time.perf_counter()
+
+                async def forget_residency() -> None:
+                    LOAD_FAILURES.labels(replica.name).inc()
+                    await self._placement.drop(replica.name, name)
+
                 unloads = (self._pool.unload(replica.name, e) for e in placement.evicted)
                 await asyncio.gather(
-                    self._pool.load(replica.name, name, adapter.spec.source), *unloads
+                    self._pool.load(replica.name, name, adapter.spec.source, forget_residency),
+                    *unloads,
                 )
                 if replica.kind == "vllm":
                     LOAD_SECONDS.observe(time.perf_counter() - started)
@@ -196,15 +204,10 @@ class Router:
                     },
                 )
             else:
-                # Resident as far as the shared state knows; a load this process started
-                # may still be under way.
                 await self._pool.wait_loading(replica.name, name)
-        except ServiceError:
-            if placement.loaded:
-                LOAD_FAILURES.labels(replica.name).inc()
-                await self._placement.undo(placement, name)
-            else:
-                await self._placement.release(placement.route_id)
+        except (ServiceError, asyncio.CancelledError):
+            # The request will not run there: its lease ends now.
+            await self._placement.release(placement.route_id)
             raise
 
     async def release(self, route_id: str) -> bool:

@@ -1,0 +1,178 @@
+"""vLLM adapter loads and unloads as the router makes them: one load shared by the routes
+that arrive while it runs, vLLM's answers mapped to clear errors, unloads that never fail a
+request. The replica's HTTP API is an httpx mock answering as vLLM's serving_models.py does
+(the integration tests use the full vLLM fake)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+from daert.lora.config import ReplicaConfig
+from daert.lora.replicas import ReplicaPool
+from daert.runtime.errors import FailedPrecondition, ResourceExhausted, Unavailable
+
+Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+def vllm_error(message: str, status: int, kind: str) -> httpx.Response:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return httpx.Response(status, json=body)
+
+
+def pool_with(handler: Handler, kind: str = "vllm") -> tuple[ReplicaPool, list[str]]:
+    config = ReplicaConfig.model_validate(
+        {"name": "v0", "url": "http://v0:8000", "kind": kind, "base_model": "base"}
+    )
+    restarted: list[str] = []
+
+    async def on_restart(name: str) -> None:
+        restarted.append(name)
+
+    pool = ReplicaPool([config], on_restart)
+    pool.get("v0").client = httpx.AsyncClient(
+        base_url=config.url, transport=httpx.MockTransport(handler)
+    )
+    return pool, restarted
+
+
+class Failures:
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def __call__(self) -> None:
+        self.count += 1
+
+
+async def test_routes_arriving_during_a_load_wait_for_it() -> None:
+    release = asyncio.Event()
+    calls: list[dict[str, str]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(json.loads(request.content))
+        await release.wait()
+        return httpx.Response(200, text="Success: LoRA adapter 'sql' added successfully.")
+
+    pool, _ = pool_with(handler)
+    failures = Failures()
+    loading = asyncio.create_task(pool.load("v0", "sql", "/adapters/sql", failures))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(pool.wait_loading("v0", "sql"))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    release.set()
+    await asyncio.gather(loading, waiting)
+    assert calls == [{"lora_name": "sql", "lora_path": "/adapters/sql"}]
+    assert failures.count == 0 and pool.get("v0").loading == {}
+    await pool.wait_loading("v0", "sql")  # nothing under way: returns at once
+
+
+async def test_a_cancelled_caller_leaves_the_load_to_finish() -> None:
+    release = asyncio.Event()
+    done = asyncio.Event()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await release.wait()
+        done.set()
+        return httpx.Response(200, text="Success")
+
+    pool, _ = pool_with(handler)
+    caller = asyncio.create_task(pool.load("v0", "sql", "/adapters/sql", Failures()))
+    await asyncio.sleep(0.01)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert "sql" in pool.get("v0").loading
+    release.set()
+    await asyncio.wait_for(done.wait(), 1)
+    await asyncio.sleep(0.01)
+    assert pool.get("v0").loading == {}
+
+
+@pytest.mark.parametrize(
+    ("response", "error", "words"),
+    [
+        (
+            vllm_error("Loading lora sql failed: No adapter found for /x", 404, "NotFoundError"),
+            FailedPrecondition,
+            "No adapter found for /x",
+        ),
+        (
+            vllm_error("Both 'lora_name' and 'lora_path' must be provided.", 400, "BadRequest"),
+            FailedPrecondition,
+            "must be provided",
+        ),
+        (vllm_error("busy", 503, "ServiceUnavailable"), ResourceExhausted, "503"),
+        (httpx.Response(500, text="boom"), Unavailable, "500"),
+    ],
+)
+async def test_load_failures_name_adapter_source_and_replica(
+    response: httpx.Response, error: type[Exception], words: str
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return response
+
+    pool, _ = pool_with(handler)
+    failures = Failures()
+    with pytest.raises(error) as caught:
+        await pool.load("v0", "sql", "/x", failures)
+    message = str(getattr(caught.value, "message", caught.value))
+    assert "'sql'" in message and "/x" in message and "'v0'" in message and words in message
+    assert failures.count == 1
+
+
+async def test_already_loaded_is_success_and_other_kinds_are_not_called() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return vllm_error(
+            "The lora adapter 'sql' has already been loaded. If you want to load the adapter "
+            "in place, set 'load_inplace' to True.",
+            400,
+            "InvalidUserInput",
+        )
+
+    pool, _ = pool_with(handler)
+    await pool.load("v0", "sql", "/x", Failures())
+
+    async def never(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("LoRAX loads adapters itself")
+
+    lorax, _ = pool_with(never, kind="lorax")
+    await lorax.load("v0", "sql", "/x", Failures())
+    await lorax.unload("v0", "sql")
+
+
+async def test_unload_never_fails_the_request() -> None:
+    answers = iter(
+        [
+            httpx.Response(200, text="Success"),
+            vllm_error("The lora adapter 'a' cannot be found.", 404, "NotFoundError"),
+            httpx.Response(500, text="boom"),
+        ]
+    )
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/v1/unload_lora_adapter":
+            raise AssertionError(request.url.path)
+        try:
+            return next(answers)
+        except StopIteration:
+            raise httpx.ConnectError("refused") from None
+
+    pool, _ = pool_with(handler)
+    for _ in range(4):
+        await pool.unload("v0", "a")
+
+
+async def test_a_replica_that_answers_again_after_failing_is_reported_restarted() -> None:
+    healthy = [True, False, True]
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200 if healthy.pop(0) else 503)
+
+    pool, restarted = pool_with(handler)
+    for _ in range(3):
+        await pool.probe_all()
+    assert restarted == ["v0"] and pool.get("v0").ready is True
