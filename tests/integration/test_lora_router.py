@@ -565,7 +565,23 @@ async def test_vllm_replica_loads_once_and_unloads_what_was_evicted(
                 state = await replicas(client)
                 assert list(state["vllm-0"].resident_adapters) == ["v-c", "v-b"]
                 assert state["vllm-0"].in_flight == 10
-            assert metric(server, "daert_lora_adapter_loads_total", replica="vllm-0") == 3
+
+                # New weights under the same name: the old ones leave the replica, and the
+                # next route loads the new source.
+                await client.stub.RegisterAdapter(
+                    lora_pb2.RegisterAdapterRequest(
+                        adapter=adapter("v-b", source="/adapters/v-b-2"), replace=True
+                    )
+                )
+                assert vllm.loaded_adapters == ["v-c"]
+                assert (await route(client, "v-b")).loaded
+                assert vllm.lora_paths["v-b"] == "/adapters/v-b-2"
+                # A deleted adapter is unloaded too.
+                await client.stub.DeleteAdapter(lora_pb2.DeleteAdapterRequest(name="v-c"))
+                assert vllm.loaded_adapters == ["v-b"]
+                state = await replicas(client)
+                assert list(state["vllm-0"].resident_adapters) == ["v-b"]
+            assert metric(server, "daert_lora_adapter_loads_total", replica="vllm-0") == 4
 
 
 async def test_vllm_load_failures_are_clear_errors(
