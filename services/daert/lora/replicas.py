@@ -91,7 +91,10 @@ class ReplicaPool:
 
     async def probe_forever(self, interval_s: float) -> None:
         while True:
-            await self.probe_all()
+            try:
+                await self.probe_all()
+            except Exception:  # one failed round must not end the probing
+                log.exception("replica probe round failed")
             await asyncio.sleep(interval_s)
 
     async def load(
