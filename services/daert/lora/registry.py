@@ -11,7 +11,6 @@ import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import psycopg
 import psycopg_pool
@@ -26,11 +25,12 @@ from daert.runtime.errors import (
     PermissionDenied,
     Unavailable,
 )
+from daert.runtime.pg_migrations import Migration, migrate
 
 log = logging.getLogger("daert.lora.registry")
 
-MIGRATIONS: list[tuple[int, str, str]] = [
-    (
+MIGRATIONS = [
+    Migration(
         1,
         "adapters and tenant defaults",
         """
@@ -57,35 +57,10 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 
 # The router's own migrations table and lock key, so it can share a database with the
 # retrieval service (whose pgvector backend keeps `daert_schema_migrations`).
-_MIGRATIONS_TABLE = "daert_lora_schema_migrations"
-_MIGRATION_LOCK = 0x6C_6F_72_61  # "lora"
+MIGRATIONS_TABLE = "daert_lora_schema_migrations"
+MIGRATION_LOCK = 0x6C_6F_72_61  # "lora"
 
 _COLUMNS = "name, source, base_model, description, examples, tenants, created_at, updated_at"
-
-
-async def migrate(conn: psycopg.AsyncConnection[Any]) -> list[int]:
-    """Apply the migrations this database lacks; returns the versions applied."""
-    applied_now = []
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        await conn.execute(
-            f"""CREATE TABLE IF NOT EXISTS {_MIGRATIONS_TABLE} (
-                   version integer PRIMARY KEY,
-                   description text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
-        cursor = await conn.execute(f"SELECT version FROM {_MIGRATIONS_TABLE}")
-        done = {row[0] for row in await cursor.fetchall()}
-        for version, description, statements in MIGRATIONS:
-            if version in done:
-                continue
-            await conn.execute(statements.encode())
-            await conn.execute(
-                f"INSERT INTO {_MIGRATIONS_TABLE} (version, description) VALUES (%s, %s)",
-                (version, description),
-            )
-            applied_now.append(version)
-    return applied_now
 
 
 def _record(row: DictRow) -> AdapterRecord:
@@ -148,7 +123,9 @@ class AdapterRegistry:
             async with await psycopg.AsyncConnection.connect(
                 self._dsn, autocommit=True, connect_timeout=self._connect_timeout
             ) as conn:
-                applied = await migrate(conn)
+                applied = await migrate(
+                    conn, MIGRATIONS, table=MIGRATIONS_TABLE, lock_key=MIGRATION_LOCK
+                )
         except psycopg.OperationalError as exc:
             raise Unavailable(f"PostgreSQL is not reachable: {exc}") from None
         if applied:

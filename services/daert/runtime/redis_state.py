@@ -54,9 +54,7 @@ class RedisState:
         self._last_warning = 0.0
         self.healthy = True  # as of the last operation
 
-    async def attempt(
-        self, operation: str, call: Callable[[], Awaitable[T]], fallback: T
-    ) -> T:
+    async def attempt(self, operation: str, call: Callable[[], Awaitable[T]], fallback: T) -> T:
         """`await call()`, or `fallback` when Redis fails (logged and counted)."""
         try:
             result = await call()

@@ -7,15 +7,13 @@ one exactly once. Append new migrations; never edit an applied one.
 
 from __future__ import annotations
 
-from typing import Any
-
-import psycopg
 from psycopg import sql
 
 from daert.retrieval.model import CollectionSpec, Metric
+from daert.runtime.pg_migrations import Migration
 
-MIGRATIONS: list[tuple[int, str, str]] = [
-    (
+MIGRATIONS = [
+    Migration(
         1,
         "catalog of collections",
         """
@@ -37,38 +35,14 @@ MIGRATIONS: list[tuple[int, str, str]] = [
 ]
 
 # Any fixed number: the key of the advisory lock that serialises migrations.
-_MIGRATION_LOCK = 0x64_61_65_72_74
+MIGRATION_LOCK = 0x64_61_65_72_74
+MIGRATIONS_TABLE = "daert_schema_migrations"
 
 _OPERATOR_CLASS = {
     Metric.COSINE: "vector_cosine_ops",
     Metric.DOT: "vector_ip_ops",
     Metric.L2: "vector_l2_ops",
 }
-
-
-async def migrate(conn: psycopg.AsyncConnection[Any]) -> list[int]:
-    """Apply the migrations this database lacks; returns the versions applied."""
-    applied_now = []
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        await conn.execute(
-            """CREATE TABLE IF NOT EXISTS daert_schema_migrations (
-                   version integer PRIMARY KEY,
-                   description text NOT NULL,
-                   applied_at timestamptz NOT NULL DEFAULT now())"""
-        )
-        cursor = await conn.execute("SELECT version FROM daert_schema_migrations")
-        done = {row[0] for row in await cursor.fetchall()}
-        for version, description, statements in MIGRATIONS:
-            if version in done:
-                continue
-            await conn.execute(statements.encode())
-            await conn.execute(
-                "INSERT INTO daert_schema_migrations (version, description) VALUES (%s, %s)",
-                (version, description),
-            )
-            applied_now.append(version)
-    return applied_now
 
 
 def chunk_table(collection_id: int) -> sql.Identifier:

@@ -20,7 +20,13 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from daert.retrieval.backends.pg_filter import compile_filter
-from daert.retrieval.backends.pg_schema import chunk_table, create_chunk_table, migrate
+from daert.retrieval.backends.pg_schema import (
+    MIGRATION_LOCK,
+    MIGRATIONS,
+    MIGRATIONS_TABLE,
+    chunk_table,
+    create_chunk_table,
+)
 from daert.retrieval.config import RetrievalSettings
 from daert.retrieval.filters import Filter
 from daert.retrieval.model import (
@@ -39,6 +45,7 @@ from daert.runtime.errors import (
     NotFound,
     Unavailable,
 )
+from daert.runtime.pg_migrations import migrate
 
 log = logging.getLogger("daert.retrieval.pgvector")
 
@@ -114,7 +121,9 @@ class PgvectorBackend:
             async with await psycopg.AsyncConnection.connect(
                 self._dsn, autocommit=True, connect_timeout=self._connect_timeout
             ) as conn:
-                applied = await migrate(conn)
+                applied = await migrate(
+                    conn, MIGRATIONS, table=MIGRATIONS_TABLE, lock_key=MIGRATION_LOCK
+                )
         except psycopg.OperationalError as exc:
             raise Unavailable(f"PostgreSQL is not reachable: {exc}") from None
         if applied:
