@@ -8,24 +8,17 @@ readiness check reports them, so health follows the database down and back up.""
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
-import psycopg
-import psycopg_pool
 from psycopg.rows import DictRow, dict_row
 
 from daert.lora.config import LoraSettings
 from daert.lora.model import AdapterRecord, AdapterSpec
 from daert.runtime.errors import (
     AlreadyExists,
-    DeadlineExceeded,
     NotFound,
     PermissionDenied,
-    Unavailable,
 )
-from daert.runtime.pg_migrations import Migration, migrate
+from daert.runtime.postgres import Migration, PostgresDatabase
 
 log = logging.getLogger("daert.lora.registry")
 
@@ -78,77 +71,25 @@ def _record(row: DictRow) -> AdapterRecord:
 class AdapterRegistry:
     def __init__(self, settings: LoraSettings) -> None:
         assert settings.dsn is not None  # LoraSettings requires it
-        self._dsn = settings.dsn.get_secret_value()
-        self._connect_timeout = max(2, math.ceil(settings.connect_timeout_s))  # libpq: >= 2 s
-        self._pool = psycopg_pool.AsyncConnectionPool(
-            self._dsn,
-            connection_class=psycopg.AsyncConnection[DictRow],
-            min_size=settings.pool_min_size,
-            max_size=settings.pool_max_size,
-            kwargs={
-                "autocommit": True,
-                "connect_timeout": self._connect_timeout,
-                "row_factory": dict_row,
-            },
-            timeout=settings.connect_timeout_s,
-            open=False,
+        self._db = PostgresDatabase(
+            settings.dsn.get_secret_value(),
+            migrations=MIGRATIONS,
+            migrations_table=MIGRATIONS_TABLE,
+            lock_key=MIGRATION_LOCK,
+            pool_min_size=settings.pool_min_size,
+            pool_max_size=settings.pool_max_size,
+            connect_timeout_s=settings.connect_timeout_s,
+            connection_kwargs={"row_factory": dict_row},
         )
-        self._schema_ready = False
-
-    # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        try:
-            await self._ensure_schema()
-        except Unavailable as exc:
-            log.warning("PostgreSQL is not reachable yet; serving once it is: %s", exc)
-        await self._pool.open(wait=False)
+        await self._db.start()
 
     async def ready(self) -> bool:
-        try:
-            await self._ensure_schema()
-            async with self._connection() as conn:
-                await conn.execute("SELECT 1")
-        except Unavailable:
-            return False
-        return True
+        return await self._db.ready()
 
     async def close(self) -> None:
-        await self._pool.close()
-
-    async def _ensure_schema(self) -> None:
-        if self._schema_ready:
-            return
-        try:
-            async with await psycopg.AsyncConnection.connect(
-                self._dsn, autocommit=True, connect_timeout=self._connect_timeout
-            ) as conn:
-                applied = await migrate(
-                    conn, MIGRATIONS, table=MIGRATIONS_TABLE, lock_key=MIGRATION_LOCK
-                )
-        except psycopg.OperationalError as exc:
-            raise Unavailable(f"PostgreSQL is not reachable: {exc}") from None
-        if applied:
-            log.info("applied schema migrations", extra={"versions": applied})
-        self._schema_ready = True
-
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
-        """A pooled connection returning dict rows, with database failures turned into
-        service errors."""
-        await self._ensure_schema()
-        try:
-            async with self._pool.connection() as conn:
-                yield conn
-        except psycopg_pool.PoolTimeout as exc:
-            raise Unavailable(f"PostgreSQL is not reachable: {exc}") from None
-        except psycopg.errors.QueryCanceled:
-            raise DeadlineExceeded("the database query was cancelled") from None
-        except psycopg.OperationalError as exc:
-            # Connections broken by a database restart are dropped here, so at most the
-            # calls already holding one fail (UNAVAILABLE, which clients retry).
-            await self._pool.check()
-            raise Unavailable(f"PostgreSQL connection failed: {exc}") from None
+        await self._db.close()
 
     # --- adapters --------------------------------------------------------------------------
 
@@ -164,7 +105,7 @@ class AdapterRegistry:
             list(spec.examples),
             list(spec.tenants),
         )
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             cursor = await conn.execute(
                 f"SELECT {_COLUMNS} FROM daert_lora_adapters WHERE name = %s FOR UPDATE",
                 (spec.name,),
@@ -207,7 +148,7 @@ class AdapterRegistry:
 
     async def delete(self, name: str) -> AdapterRecord | None:
         """Remove an adapter (its tenant defaults go with it); returns what was removed."""
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             cursor = await conn.execute(
                 f"DELETE FROM daert_lora_adapters WHERE name = %s RETURNING {_COLUMNS}", (name,)
             )
@@ -215,7 +156,7 @@ class AdapterRegistry:
         return _record(row) if row else None
 
     async def get(self, name: str) -> AdapterRecord | None:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             cursor = await conn.execute(
                 f"SELECT {_COLUMNS} FROM daert_lora_adapters WHERE name = %s", (name,)
             )
@@ -224,7 +165,7 @@ class AdapterRegistry:
 
     async def list_adapters(self, base_model: str, tenant: str) -> list[AdapterRecord]:
         """Adapters sorted by name; an empty `base_model` or `tenant` does not filter."""
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             cursor = await conn.execute(
                 f"""SELECT {_COLUMNS} FROM daert_lora_adapters
                     WHERE (%(base)s = '' OR base_model = %(base)s)
@@ -238,7 +179,7 @@ class AdapterRegistry:
 
     async def semantic_candidates(self, base_model: str, tenant: str) -> list[AdapterRecord]:
         """Adapters "auto" may choose: for `base_model`, usable by `tenant`, with examples."""
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             cursor = await conn.execute(
                 f"""SELECT {_COLUMNS} FROM daert_lora_adapters
                     WHERE base_model = %(base)s AND cardinality(examples) > 0
@@ -252,7 +193,7 @@ class AdapterRegistry:
     # --- tenant defaults -------------------------------------------------------------------
 
     async def tenant_default(self, tenant: str) -> AdapterRecord | None:
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             cursor = await conn.execute(
                 f"""SELECT {", ".join("a." + c for c in _COLUMNS.split(", "))}
                     FROM daert_lora_tenant_defaults d
@@ -266,7 +207,7 @@ class AdapterRegistry:
     async def set_tenant_default(self, tenant: str, adapter: str) -> str:
         """Set (or, with an empty `adapter`, clear) a tenant's default; returns the previous
         one ("" when none)."""
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             cursor = await conn.execute(
                 "SELECT adapter FROM daert_lora_tenant_defaults WHERE tenant = %s FOR UPDATE",
                 (tenant,),
@@ -298,7 +239,7 @@ class AdapterRegistry:
 
     async def tenant_defaults(self) -> list[tuple[str, str]]:
         """(tenant, adapter) for every tenant with a default, sorted by tenant."""
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             cursor = await conn.execute(
                 "SELECT tenant, adapter FROM daert_lora_tenant_defaults ORDER BY tenant"
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from daert.retrieval.model import CollectionSpec, Metric
-from daert.runtime.pg_migrations import Migration
+from daert.runtime.postgres import Migration
 
 MIGRATIONS = [
     Migration(

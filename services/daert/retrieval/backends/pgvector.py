@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -13,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import psycopg
-import psycopg_pool
 from pgvector.psycopg import register_vector_async
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -40,12 +38,10 @@ from daert.retrieval.model import (
 )
 from daert.runtime.errors import (
     AlreadyExists,
-    DeadlineExceeded,
     InvalidArgument,
     NotFound,
-    Unavailable,
 )
-from daert.runtime.pg_migrations import migrate
+from daert.runtime.postgres import PostgresDatabase
 
 log = logging.getLogger("daert.retrieval.pgvector")
 
@@ -71,18 +67,16 @@ class PgvectorBackend:
     def __init__(self, settings: RetrievalSettings) -> None:
         assert settings.dsn is not None
         self._settings = settings
-        self._dsn = settings.dsn.get_secret_value()
-        self._connect_timeout = max(2, math.ceil(settings.connect_timeout_s))  # libpq: >= 2 s
-        self._pool = psycopg_pool.AsyncConnectionPool(
-            self._dsn,
-            min_size=settings.pool_min_size,
-            max_size=settings.pool_max_size,
-            kwargs={"autocommit": True, "connect_timeout": self._connect_timeout},
+        self._db = PostgresDatabase(
+            settings.dsn.get_secret_value(),
+            migrations=MIGRATIONS,
+            migrations_table=MIGRATIONS_TABLE,
+            lock_key=MIGRATION_LOCK,
+            pool_min_size=settings.pool_min_size,
+            pool_max_size=settings.pool_max_size,
+            connect_timeout_s=settings.connect_timeout_s,
             configure=register_vector_async,
-            timeout=settings.connect_timeout_s,
-            open=False,
         )
-        self._schema_ready = False
         # hnsw.ef_search as last set on each pooled connection.
         self._ef_search: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], int] = (
             weakref.WeakKeyDictionary()
@@ -94,66 +88,20 @@ class PgvectorBackend:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        try:
-            await self._ensure_schema()
-        except Unavailable as exc:
-            log.warning("PostgreSQL is not reachable yet; serving once it is: %s", exc)
-        await self._pool.open(wait=False)
+        await self._db.start()
 
     async def ready(self) -> bool:
-        try:
-            await self._ensure_schema()
-            async with self._connection() as conn:
-                await conn.execute("SELECT 1")
-        except Unavailable:
-            return False
-        return True
+        return await self._db.ready()
 
     async def close(self) -> None:
-        await self._pool.close()
-
-    async def _ensure_schema(self) -> None:
-        if self._schema_ready:
-            return
-        # On a connection of its own: pooled connections register the vector type, which
-        # the first migration creates.
-        try:
-            async with await psycopg.AsyncConnection.connect(
-                self._dsn, autocommit=True, connect_timeout=self._connect_timeout
-            ) as conn:
-                applied = await migrate(
-                    conn, MIGRATIONS, table=MIGRATIONS_TABLE, lock_key=MIGRATION_LOCK
-                )
-        except psycopg.OperationalError as exc:
-            raise Unavailable(f"PostgreSQL is not reachable: {exc}") from None
-        if applied:
-            log.info("applied schema migrations %s", applied)
-        self._schema_ready = True
-
-    @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """A pooled connection, with database failures turned into service errors."""
-        try:
-            async with self._pool.connection() as conn:
-                yield conn
-        except psycopg_pool.PoolTimeout as exc:
-            raise Unavailable(f"PostgreSQL is not reachable: {exc}") from None
-        except psycopg.errors.QueryCanceled:
-            raise DeadlineExceeded("the database query was cancelled") from None
-        except psycopg.OperationalError as exc:
-            # Connections broken by a database restart are dropped here, so at most the
-            # calls already holding one fail (UNAVAILABLE, which clients retry); checking
-            # every connection before use would cost a round trip per call instead.
-            await self._pool.check()
-            raise Unavailable(f"PostgreSQL connection failed: {exc}") from None
+        await self._db.close()
 
     # --- collections -----------------------------------------------------------------------
 
     async def create_collection(
         self, spec: CollectionSpec, if_not_exists: bool
     ) -> tuple[CollectionInfo, bool]:
-        await self._ensure_schema()
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             cursor = await conn.execute(
                 "SELECT 1 FROM pg_ts_config WHERE cfgname = %s", (spec.text_search_language,)
             )
@@ -196,9 +144,8 @@ class PgvectorBackend:
         return info, True
 
     async def delete_collection(self, tenant: str, name: str) -> int | None:
-        await self._ensure_schema()
         self._catalog.pop((tenant, name), None)
-        async with self._connection() as conn, conn.transaction():
+        async with self._db.connection() as conn, conn.transaction():
             cursor = await conn.execute(
                 "SELECT id FROM daert_collections WHERE tenant = %s AND name = %s FOR UPDATE",
                 (tenant, name),
@@ -216,8 +163,7 @@ class PgvectorBackend:
         return int(counted[0]) if counted else 0
 
     async def list_collections(self, tenant: str) -> list[CollectionInfo]:
-        await self._ensure_schema()
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute(
                 "SELECT * FROM daert_collections WHERE tenant = %s ORDER BY name", (tenant,)
@@ -226,11 +172,10 @@ class PgvectorBackend:
             return [await self._with_counts(conn, entry) for entry in stored]
 
     async def describe(self, tenant: str, name: str, counts: bool = False) -> CollectionInfo:
-        await self._ensure_schema()
         cached = self._catalog.get((tenant, name))
         if cached is not None and not counts:
             return cached.info
-        async with self._connection() as conn:
+        async with self._db.connection() as conn:
             entry = await self._lookup(conn, tenant, name)
             if entry is None:
                 raise NotFound(f"collection {name!r} does not exist for tenant {tenant!r}")
@@ -273,7 +218,7 @@ class PgvectorBackend:
             await self.describe(spec.tenant, spec.name)
             entry = self._catalog[(spec.tenant, spec.name)]
         try:
-            async with self._connection() as conn:
+            async with self._db.connection() as conn:
                 yield conn, chunk_table(entry.id)
         except psycopg.errors.UndefinedTable:
             self._catalog.pop((spec.tenant, spec.name), None)
