@@ -27,9 +27,8 @@ def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path
                 "DAERT_LORA_REDIS_URL"):  # fmt: skip
         env.pop(var, None)  # so that `up` starts its embedded PostgreSQL and Redis
     # The default Ollama at localhost:11434 may or may not run here: point at none.
-    env["DAERT_GENERATION_MODELS"] = json.dumps(
-        [{"name": "llama3.2", "url": f"http://127.0.0.1:{free_port()}"}]
-    )
+    ollama_url = f"http://127.0.0.1:{free_port()}"
+    env["DAERT_GENERATION_MODELS"] = json.dumps([{"name": "llama3.2", "url": ollama_url}])
     env["DAERT_STATE_DIR"] = str(tmp_path / "state")
     out = (tmp_path / "up.out").open("w+")
     up = subprocess.Popen(
@@ -54,8 +53,17 @@ def test_up_serves_every_service_and_stops_cleanly(grpcurl: Path, tmp_path: Path
         lines = banner.splitlines()
         row = next(i for i, line in enumerate(lines) if line.startswith("  generation   grpc"))
         assert "NOT_SERVING" in lines[row + 1]
-        assert "NOT_SERVING" not in lines[row + 2]  # every other service is SERVING
-        assert "unreachable" in banner  # the service's own log line, above the banner
+        # Every other service is SERVING: generation's is the banner's only NOT_SERVING line.
+        table = lines[lines.index("daert stack is up:") :]
+        assert sum("NOT_SERVING" in line for line in table) == 1
+        # The reason is the service's own log line, above the banner.
+        reasons = [
+            json.loads(line)
+            for line in lines
+            if line.startswith("{") and "generation model not ready" in line
+        ]
+        assert reasons, banner
+        assert f"Ollama at {ollama_url} is unreachable" in reasons[0]["reason"]
         assert "started Redis at redis://127.0.0.1:" in banner
 
         result = subprocess.run(

@@ -89,7 +89,7 @@ def _banner(services: list[_Running]) -> str:
         lines.append(f"  {s.spec.name:<12} grpc {s.target:<18} metrics {metrics}")
         if not s.serving:
             lines.append(
-                f"  {'':<12} NOT_SERVING: its backend is unreachable (its log above says why); "
+                f"  {'':<12} NOT_SERVING: waiting for its backend (its log above says why); "
                 "it turns SERVING when the backend answers"
             )
     grpcurl = str(LOCAL_GRPCURL) if LOCAL_GRPCURL.exists() else "grpcurl"
