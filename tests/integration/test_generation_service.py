@@ -78,6 +78,13 @@ def upstream_calls(fake: FakeOpenAI) -> int:
     return len(fake.requests_to(CHAT))
 
 
+# A conversation with no user turn: valid, and deterministic requests of it are cached.
+NO_USER = [
+    common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content="Be brief."),
+    common_pb2.ChatMessage(role=common_pb2.ROLE_ASSISTANT, content="Hi!"),
+]
+
+
 # --- unary and stream ----------------------------------------------------------------------
 
 
@@ -430,6 +437,17 @@ async def test_only_deterministic_requests_are_cached_unless_opted_in(
     assert upstream_calls(vllm) == 4
 
 
+async def test_a_conversation_without_a_user_message_is_cached_by_exact_match(
+    client: GenerationClient, vllm: FakeOpenAI
+) -> None:
+    # Nothing for the semantic cache to compare: only the exact entry applies.
+    req = generation_pb2.GenerateRequest(model="vllm", messages=NO_USER, params=S(temperature=0))
+    first = await client.stub.Generate(req)
+    assert first.text == vllm.expected_text("Be brief. Hi!") and not first.cached
+    assert (await client.stub.Generate(req)).cached
+    assert upstream_calls(vllm) == 1
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -592,6 +610,11 @@ async def test_the_semantic_cache_answers_a_paraphrase_in_scope_only(
         ):
             assert not (await client.stub.Generate(other)).cached
         assert upstream_calls(vllm) == 4
+        no_user = generation_pb2.GenerateRequest(
+            model="vllm", messages=NO_USER, params=S(temperature=0)
+        )
+        assert [(await client.stub.Generate(no_user)).cached for _ in range(2)] == [False, True]
+        assert upstream_calls(vllm) == 5
 
 
 def test_without_the_embedding_service_the_semantic_cache_steps_aside(

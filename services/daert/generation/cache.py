@@ -77,7 +77,8 @@ class CachedAnswer:
 @dataclass(frozen=True)
 class CacheKey:
     exact: str  # the entry's Redis key
-    scope: str  # the semantic index it belongs to
+    # The semantic index it belongs to; None when the request has no user message to compare.
+    scope: str | None
     text: str  # what the semantic index compares
 
 
@@ -93,16 +94,17 @@ def cache_key(
     canonical = request.canonical()
     exact = f"{_digest(fields | canonical)}"
     # The scope is everything but the text compared: the last user message (or prompt).
-    text = request.last_user_message()
+    users = [i for i, m in enumerate(canonical["messages"]) if m[0] == "user"]
     if request.prompt is not None:
         canonical["prompt"] = None
-    else:
-        last_user = max(i for i, m in enumerate(canonical["messages"]) if m[0] == "user")
-        canonical["messages"] = canonical["messages"][:last_user]
+    elif users:
+        canonical["messages"] = canonical["messages"][: users[-1]]
+    else:  # e.g. system and assistant turns only: nothing to compare, exact matches only
+        return CacheKey(exact=f"{_PREFIX}:answer:{exact}", scope=None, text="")
     return CacheKey(
         exact=f"{_PREFIX}:answer:{exact}",
         scope=f"{_PREFIX}:semantic:{_digest(fields | canonical)}",
-        text=text,
+        text=request.last_user_message(),
     )
 
 
@@ -189,11 +191,14 @@ class SemanticIndex:
     async def find(self, key: CacheKey) -> str | None:
         """The exact key of the most similar stored request in `key`'s scope, if any reaches
         the threshold."""
+        scope = key.scope
+        if scope is None:
+            return None
         vector = await self._vector(key.text)
         if vector is None:
             return None
         stored: dict[bytes | str, bytes | str] = await self._redis.attempt(
-            "semantic_find", lambda: self._redis.client.hgetall(key.scope), {}
+            "semantic_find", lambda: self._redis.client.hgetall(scope), {}
         )
         # The client returns bytes (no decode_responses), as packed vectors need.
         vectors = cast(dict[bytes, bytes], stored)
@@ -209,23 +214,26 @@ class SemanticIndex:
         return names[best].decode() if scores[best] >= self._threshold else None
 
     async def add(self, key: CacheKey) -> None:
+        scope = key.scope
+        if scope is None:
+            return
         vector = await self._vector(key.text)
         self._recent.pop(key.text, None)
         if vector is None:
             return
-        order = f"{key.scope}:order"
+        order = f"{scope}:order"
 
         async def add_and_trim() -> None:
             async with self._redis.client.pipeline(transaction=True) as pipe:
-                pipe.hset(key.scope, key.exact, vector)
+                pipe.hset(scope, key.exact, vector)
                 pipe.zadd(order, {key.exact: time.time()})
-                pipe.expire(key.scope, self._ttl_s)
+                pipe.expire(scope, self._ttl_s)
                 pipe.expire(order, self._ttl_s)
                 await pipe.execute()
             # Drop the oldest beyond the cap (and entries whose answers have expired).
             excess = await self._redis.client.zrange(order, 0, -self._max_entries - 1)
             if excess:
-                await self._redis.client.hdel(key.scope, *excess)
+                await self._redis.client.hdel(scope, *excess)
                 await self._redis.client.zrem(order, *excess)
 
         await self._redis.attempt("semantic_add", add_and_trim, None)
