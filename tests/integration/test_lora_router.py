@@ -400,11 +400,16 @@ async def test_semantic_routing(router: ServerProcess) -> None:
             await register(
                 client, name, description=description, examples=examples, tenants=[tenant]
             )
-        # An adapter without examples is never chosen semantically, even when its
-        # description is a perfect match.
+        # Without examples an adapter is compared by its description alone; with neither it
+        # is no candidate.
         await register(
-            client, "sql-no-examples", description="Count the orders per month", tenants=[tenant]
+            client,
+            "bread-baking",
+            description="Bread baking help: kneading and proofing dough, sourdough starters "
+            "and oven temperatures.",
+            tenants=[tenant],
         )
+        await register(client, "blank-adapter", description="  ", tenants=[tenant, "blank-only"])
         expectations = {
             "Can you write a query to count the orders per month in the orders table?": (
                 "sql-helper"
@@ -413,6 +418,7 @@ async def test_semantic_routing(router: ServerProcess) -> None:
                 "legal-contracts"
             ),
             "Write me a little poem about the moon rising over the mountains.": "poetry",
+            "How long should I knead the dough for a loaf of sourdough bread?": "bread-baking",
         }
         for text, expected in expectations.items():
             reply = await route(client, "auto", tenant=tenant, text=text)
@@ -448,10 +454,12 @@ async def test_semantic_routing(router: ServerProcess) -> None:
         assert (reply.adapter_id, reply.reason) == ("poetry", TENANT_DEFAULT)
         assert reply.HasField("score")
 
-        # No adapter with examples that this tenant may use: no comparison at all.
-        reply = await route(client, "auto", tenant="no-candidates", text=sql_text)
-        assert (reply.adapter_id, reply.reason) == ("", NO_CANDIDATES)
-        assert not reply.HasField("score")
+        # No adapter with examples or a description that this tenant may use: no comparison
+        # at all.
+        for other in ("no-candidates", "blank-only"):
+            reply = await route(client, "auto", tenant=other, text=sql_text)
+            assert (reply.adapter_id, reply.reason) == ("", NO_CANDIDATES), other
+            assert not reply.HasField("score")
 
 
 async def test_auto_needs_the_embedding_service_only_with_candidates(

@@ -178,11 +178,13 @@ class AdapterRegistry:
         return [_record(row) for row in rows]
 
     async def semantic_candidates(self, base_model: str, tenant: str) -> list[AdapterRecord]:
-        """Adapters "auto" may choose: for `base_model`, usable by `tenant`, with examples."""
+        """Adapters "auto" may choose: for `base_model`, usable by `tenant`, with examples or
+        a description (not blank) to compare the request with."""
         async with self._db.connection() as conn:
             cursor = await conn.execute(
                 f"""SELECT {_COLUMNS} FROM daert_lora_adapters
-                    WHERE base_model = %(base)s AND cardinality(examples) > 0
+                    WHERE base_model = %(base)s
+                      AND (cardinality(examples) > 0 OR description ~ '\\S')
                       AND (cardinality(tenants) = 0 OR %(tenant)s = ANY(tenants))
                     ORDER BY name""",
                 {"base": base_model, "tenant": tenant},

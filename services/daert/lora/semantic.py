@@ -49,8 +49,8 @@ class SemanticMatcher:
     async def best(
         self, query: str, candidates: Sequence[AdapterRecord]
     ) -> tuple[AdapterRecord, float]:
-        """The candidate most similar to `query` (non-empty, candidates with examples) and
-        its score; ties go to the first candidate."""
+        """The candidate most similar to `query` (non-empty; candidates with examples or a
+        description) and its score; ties go to the first candidate."""
         matrices = await self._adapter_vectors(candidates)
         (query_vector,) = await self._embed([query])
         scores = [float(np.max(matrix @ query_vector)) for matrix in matrices]
