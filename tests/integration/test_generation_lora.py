@@ -1,8 +1,10 @@
 """Generation with `adapters: router`: the real generation service asks the real LoRA router
 (PostgreSQL registry, Redis state, the real embedding service for "auto"), then sends the
 request to the chosen replica in that replica's own format: a vLLM fake (the adapter is the
-`model`, loaded by the router through /v1/load_lora_adapter) and a TGI fake standing in for
-LoRAX (the adapter's source in `parameters.adapter_id`)."""
+`model`, loaded by the router through /v1/load_lora_adapter), a TGI fake standing in for
+LoRAX (the adapter's source in `parameters.adapter_id`, where it lies in
+`parameters.adapter_source`) and a TGI fake started with one adapter (its name in
+`parameters.adapter_id`; any other id fails there)."""
 
 from __future__ import annotations
 
@@ -45,12 +47,20 @@ def lorax() -> Iterator[FakeTGI]:
 
 
 @pytest.fixture(scope="module")
+def tgi() -> Iterator[FakeTGI]:
+    """TGI started with LORA_ADAPTERS=sql-tgi=/data/sql-tgi."""
+    with FakeTGI(adapters={"sql-tgi"}, strict_adapters=True) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
 def router(
     postgres: EmbeddedPostgres,
     redis_server: EmbeddedRedis,
     embedding_server: ServerProcess,
     vllm: FakeOpenAI,
     lorax: FakeTGI,
+    tgi: FakeTGI,
 ) -> Iterator[ServerProcess]:
     with psycopg.connect(postgres.dsn, autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS generation_lora_test WITH (FORCE)")
@@ -58,7 +68,9 @@ def router(
     replicas = [
         {"name": "vllm-0", "url": vllm.url, "kind": "vllm", "base_model": "vllm-base"},
         {"name": "lorax-0", "url": lorax.url, "kind": "lorax", "base_model": "lorax-base"},
-    ]
+        {"name": "tgi-0", "url": tgi.url, "kind": "tgi", "base_model": "tgi-base",
+         "adapters": ["sql-tgi"]},
+    ]  # fmt: skip
     env = {
         "DAERT_LORA_DSN": make_conninfo(postgres.dsn, dbname="generation_lora_test"),
         "DAERT_LORA_REPLICAS": json.dumps(replicas),
@@ -72,12 +84,16 @@ def router(
 
 
 @pytest.fixture(scope="module")
-def generation(router: ServerProcess, vllm: FakeOpenAI, lorax: FakeTGI) -> Iterator[ServerProcess]:
+def generation(
+    router: ServerProcess, vllm: FakeOpenAI, lorax: FakeTGI, tgi: FakeTGI
+) -> Iterator[ServerProcess]:
     env = models_env(
         {"name": "on-vllm", "backend": "openai", "url": vllm.url, "upstream_model": "vllm-base",
          "adapters": "router"},
         {"name": "on-lorax", "backend": "tgi", "url": lorax.url, "chat_template": CHAT_TEMPLATE,
          "base_model": "lorax-base", "adapters": "router"},
+        {"name": "on-tgi", "backend": "tgi", "url": tgi.url, "chat_template": CHAT_TEMPLATE,
+         "base_model": "tgi-base", "adapters": "router"},
     )  # fmt: skip
     env["DAERT_LORA_TARGET"] = router.target
     with ServerProcess("generation", env) as server:
@@ -99,6 +115,14 @@ async def registered(router: ServerProcess) -> None:
                 description="Writes and explains SQL queries for PostgreSQL and MySQL.",
                 examples=SQL_EXAMPLES,
             )
+            await client.stub.RegisterAdapter(lora_pb2.RegisterAdapterRequest(adapter=adapter))
+        for name, base, source in (
+            ("lorax-s3", "lorax-base", "s3://adapters/lorax-s3"),
+            ("lorax-local", "lorax-base", "/adapters/lorax-local"),
+            ("lorax-file", "lorax-base", "file:///adapters/lorax-file"),
+            ("sql-tgi", "tgi-base", "/data/sql-tgi"),
+        ):
+            adapter = lora_pb2.Adapter(name=name, source=source, base_model=base)
             await client.stub.RegisterAdapter(lora_pb2.RegisterAdapterRequest(adapter=adapter))
         private = lora_pb2.Adapter(
             name="acme-only", source="/adapters/acme", base_model="vllm-base", tenants=["acme"]
@@ -151,7 +175,36 @@ async def test_auto_on_lorax_sends_the_adapter_source(
 ) -> None:
     reply = await client.stub.Generate(request("on-lorax", SQL, adapter_id="auto"))
     assert (reply.adapter_id, reply.replica) == ("sql-lorax", "lorax-0")
-    assert lorax.requests_to("/generate")[-1].json["parameters"]["adapter_id"] == "acme/sql-lora"
+    parameters = lorax.requests_to("/generate")[-1].json["parameters"]
+    assert (parameters["adapter_id"], parameters["adapter_source"]) == ("acme/sql-lora", "hub")
+
+
+@pytest.mark.parametrize(
+    ("name", "adapter_id", "source"),
+    [
+        ("lorax-s3", "s3://adapters/lorax-s3", "s3"),
+        ("lorax-local", "/adapters/lorax-local", "local"),
+        ("lorax-file", "/adapters/lorax-file", "local"),
+    ],
+)
+async def test_lorax_is_told_where_the_adapter_lies(
+    client: GenerationClient, lorax: FakeTGI, name: str, adapter_id: str, source: str
+) -> None:
+    reply = await client.stub.Generate(request("on-lorax", SQL, adapter_id=name))
+    assert (reply.adapter_id, reply.replica) == (name, "lorax-0")
+    parameters = lorax.requests_to("/generate")[-1].json["parameters"]
+    assert (parameters["adapter_id"], parameters["adapter_source"]) == (adapter_id, source)
+
+
+async def test_tgi_replica_gets_the_adapter_by_its_name(
+    client: GenerationClient, tgi: FakeTGI
+) -> None:
+    # The fake fails any adapter_id it was not started with, such as the source.
+    reply = await client.stub.Generate(request("on-tgi", SQL, adapter_id="sql-tgi"))
+    assert (reply.adapter_id, reply.replica) == ("sql-tgi", "tgi-0")
+    assert reply.text
+    parameters = tgi.requests_to("/generate")[-1].json["parameters"]
+    assert parameters["adapter_id"] == "sql-tgi" and "adapter_source" not in parameters
 
 
 async def test_auto_without_a_matching_adapter_uses_the_base_model(

@@ -1,9 +1,11 @@
 """Where a request goes: the model's own server, or, for a LoRA adapter on a model with
 `adapters: router`, the replica the LoRA router chooses.
 
-Each kind of server takes the adapter its own way: TGI and LoRAX in
-`parameters.adapter_id` (the adapter's source, the id they load it by), an OpenAI-compatible
-server (vLLM) as the `model` (the adapter's name, under which the router loaded it).
+Each kind of server takes the adapter its own way: LoRAX in `parameters.adapter_id` (the
+adapter's source, which it loads on demand) with `parameters.adapter_source` saying where
+that source is; TGI in `parameters.adapter_id` too, but by the name it was started with
+(LORA_ADAPTERS, named as registered); an OpenAI-compatible server (vLLM) as the `model` (the
+adapter's name, under which the router loaded it).
 """
 
 from __future__ import annotations
@@ -85,8 +87,8 @@ class Targets:
                     f'"auto" needs the LoRA router; model {config.name!r} takes adapter names '
                     "directly",
                 )
-            return Target(backend, _with_adapter(config, backend, request, adapter, adapter),
-                          adapter, config.name)  # fmt: skip
+            return Target(backend, _with_adapter(config, backend, request, adapter), adapter,
+                          config.name)  # fmt: skip
         return await self._route(config, request, adapter, tenant)
 
     async def _route(
@@ -118,8 +120,13 @@ class Targets:
         if kind is None:
             raise Unavailable(f"LoRA router chose replica {replica.name!r} of unknown kind")
         backend = self._replica_backend(config, replica, kind)
-        source = route.adapter_source or route.adapter_id
-        call = _with_adapter(config, backend, request, route.adapter_id, source)
+        if route.adapter_id and replica.kind == lora_pb2.REPLICA_KIND_LORAX:
+            adapter_id, source = lorax_adapter(route.adapter_source or route.adapter_id)
+            call = UpstreamCall(
+                request, config.upstream_name, adapter=adapter_id, adapter_source=source
+            )
+        else:
+            call = _with_adapter(config, backend, request, route.adapter_id)
         return Target(backend, call, route.adapter_id, replica.name, route.route_id)
 
     def _replica_backend(
@@ -154,15 +161,26 @@ class Targets:
             await self._router.close()
 
 
+def lorax_adapter(source: str) -> tuple[str, str]:
+    """LoRAX's `adapter_id` and `adapter_source` for a registered source: an s3:// URI is
+    "s3", a path on the replica (absolute, or a file:// URI) "local", anything else a Hub
+    id ("hub", LoRAX's default)."""
+    if source.startswith("s3://"):
+        return source, "s3"
+    if source.startswith("file://"):
+        return source.removeprefix("file://"), "local"
+    if source.startswith("/"):
+        return source, "local"
+    return source, "hub"
+
+
 def _with_adapter(
-    config: ModelConfig,
-    backend: GenerationBackend,
-    request: GenerationInput,
-    name: str,
-    source: str,
+    config: ModelConfig, backend: GenerationBackend, request: GenerationInput, name: str
 ) -> UpstreamCall:
+    """The call naming adapter `name` as the server knows it: TGI's `adapter_id` (its
+    LORA_ADAPTERS name), an OpenAI-compatible server's `model`."""
     if not name:  # the router chose the base model
         return UpstreamCall(request, config.upstream_name)
     if backend.kind == generation_pb2.GENERATION_BACKEND_TGI:
-        return UpstreamCall(request, config.upstream_name, adapter=source)
+        return UpstreamCall(request, config.upstream_name, adapter=name)
     return UpstreamCall(request, model=name)

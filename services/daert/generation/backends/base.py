@@ -17,6 +17,7 @@ class UpstreamCall:
     input: GenerationInput
     model: str  # the name the server knows (Ollama tag, OpenAI `model`; vLLM: the adapter)
     adapter: str | None = None  # TGI / LoRAX `parameters.adapter_id`
+    adapter_source: str | None = None  # LoRAX `parameters.adapter_source` ("hub", "local", "s3")
 
 
 @dataclass(frozen=True)

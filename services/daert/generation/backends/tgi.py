@@ -143,6 +143,7 @@ class TgiBackend:
             "seed": s.seed,
             "stop": list(s.stop) or None,
             "adapter_id": call.adapter,
+            "adapter_source": call.adapter_source,
         }
         parameters |= {k: v for k, v in optional.items() if v is not None}
         output = request.output
