@@ -38,8 +38,11 @@ reply was "generated"), ``disconnect_after_tokens`` (close the TCP connection on
 tokens were written, 0..all of them; the client sees a body that ends without its
 terminator -- for N = all tokens, just before the end of the stream),
 ``error_after_tokens = (n, message)`` (after N tokens send the server's in-stream error;
-non-streaming requests get the server's error response instead), ``reply_tokens``,
-``reply_fn``. They stay set until changed; :meth:`FakeLLMServer.reset` clears them all.
+non-streaming requests get the server's error response instead), ``error_type`` (what kind
+of error that is, in TGI's words: ``"generation"`` (default), ``"validation"``,
+``"overloaded"``; servers whose errors say so report it, the others ignore it),
+``reply_tokens``, ``reply_fn``. They stay set until changed; :meth:`FakeLLMServer.reset`
+clears them all.
 
 Each fake has ``generation(prompt, ...)`` (the :class:`Generation`, with that server's
 stopping rules and defaults) and ``expected_text(prompt, ...)``, so tests can compute the
@@ -143,6 +146,7 @@ class FakeLLMServer(FakeHTTPServer):
         self.token_delay_s: float = 0.0
         self.disconnect_after_tokens: int | None = None
         self.error_after_tokens: tuple[int, str] | None = None
+        self.error_type: str = "generation"
         self.reply_tokens: Sequence[str] | None = None
         self.reply_fn: Callable[[str], Sequence[str]] | None = None
 
@@ -209,6 +213,7 @@ class FakeLLMServer(FakeHTTPServer):
         self.token_delay_s = 0.0
         self.disconnect_after_tokens = None
         self.error_after_tokens = None
+        self.error_type = "generation"
         self.reply_tokens = None
         self.reply_fn = None
 

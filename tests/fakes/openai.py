@@ -77,6 +77,26 @@ Wire format reproduced from vllm-project/vllm (``vllm/entrypoints/openai/``):
   ``--max-loras`` limits adapters *per batch* and never makes a load fail, so
   ``max_loras`` is only recorded.
 
+Flavours (``flavour=``): ``"vllm"`` (the default, all of the above); ``"tgi"``, TGI 2.x's
+messages API (huggingface/text-generation-inference ``router/src/server.rs``
+``chat_completions``): events framed ``data:`` without a space (axum ``Event::json_data``),
+``[DONE]`` too; one chunk per token ``{"object": "chat.completion.chunk", "id": "",
+"created", "model", "system_fingerprint": "{version}-native", "choices": [{"index", "delta":
+{"role": "assistant", "content"}, "logprobs": null, "finish_reason"}], "usage"}``, the last
+token's chunk with ``finish_reason`` and (with ``include_usage``) ``usage``, no separate
+usage chunk, no role-only chunk, no hold-back of stop strings; the whole answer as
+``{"object": "chat.completion", "id": "", ..., "choices": [{"index", "message": {"role",
+"content"}, "logprobs": null, "finish_reason"}], "usage"}``; an error inside the stream is
+``generate_stream_internal``'s ``Event::from(InferError)``, ``{"error", "error_type"}`` of
+kind ``error_type`` (:func:`.tgi.tgi_error_text`), then ``data:[DONE]``, and a non-streaming
+request gets it with TGI's status. ``"llama.cpp"``: vLLM's shapes, except that an error
+inside the stream is sent the way llama.cpp's server did before its split into
+server-context.cpp (``server_sent_event(sink, "error", error_data)``): an ``error:`` field
+``{"code", "message", "type"}`` (``format_error_response``; here ``error_type`` validation
+-> 400 ``invalid_request_error``, overloaded -> 503 ``unavailable_error``, else 500
+``server_error``), then ``data: [DONE]``. In every flavour the model's stopping rules,
+``/v1/completions`` chunks and HTTP error bodies stay vLLM's.
+
 Simplifications: prompts are not chat-templated (prompt = message contents joined by a
 space); ``logprobs``, tools, ``echo``, beam search, token-id prompts and
 ``continuous_usage_stats`` are not modelled; body/type errors are 400 ``BadRequestError``
@@ -90,14 +110,21 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, TypeGuard
+from typing import Any, ClassVar, Literal, TypeGuard
 
 from aiohttp import web
 
 from .llm import FakeLLMServer, Generation, _Abort, compact_json
+from .tgi import TGI_ERRORS, tgi_error_text
 
 _JSON = {"Content-Type": "application/json"}
 _SSE = {"Content-Type": "text/event-stream; charset=utf-8"}
+Flavour = Literal["vllm", "tgi", "llama.cpp"]
+#: llama.cpp's ``format_error_response`` (code, type) for an ``error_type``.
+_LLAMA_CPP_ERRORS = {
+    "validation": (400, "invalid_request_error"),
+    "overloaded": (503, "unavailable_error"),
+}
 
 
 def vllm_error(
@@ -147,6 +174,7 @@ class FakeOpenAI(FakeLLMServer):
         lora_modules: Mapping[str, str] | None = None,
         legacy_errors: bool = False,
         version: str = "0.11.0",
+        flavour: Flavour = "vllm",
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -160,6 +188,7 @@ class FakeOpenAI(FakeLLMServer):
         self.max_loras = max_loras
         self.legacy_errors = legacy_errors
         self.version = version
+        self.flavour = flavour
         #: LoRA paths the "engine" cannot find: loading one answers vLLM's 404.
         self.missing_lora_paths: set[str] = set()
         self._adapters: dict[str, str] = dict(lora_modules or {})
@@ -475,6 +504,9 @@ class FakeOpenAI(FakeLLMServer):
                 self._drop(request)
                 raise _Abort(web.Response(status=200))
             if fault == "error":
+                if self.flavour == "tgi":
+                    status = TGI_ERRORS[self.error_type][0]
+                    raise _Abort(self._json(self._tgi_error_event(), status))
                 raise _Abort(self._error(self._error_message))
             if i < steps:
                 await self._pace(i)
@@ -484,6 +516,8 @@ class FakeOpenAI(FakeLLMServer):
     ) -> web.StreamResponse:
         await self._run_unary(request, gens)
         created = int(time.time())
+        if self.flavour == "tgi" and chat:
+            return self._json(self._tgi_unary(model, created, gens))
         choices: list[dict[str, Any]] = []
         for i, gen in enumerate(gens):
             finish = "length" if gen.finish == "length" else "stop"
@@ -546,9 +580,11 @@ class FakeOpenAI(FakeLLMServer):
     ) -> web.StreamResponse:
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
-        holdback = max((len(s) for s in stops), default=1) - 1
+        tgi = self.flavour == "tgi" and chat
+        holdback = 0 if tgi else max((len(s) for s in stops), default=1) - 1
         sent = [""] * len(gens)
         resp = await self._open_stream(request, dict(_SSE))
+        data = b"data:" if self.flavour == "tgi" else b"data: "
 
         def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             body = {
@@ -558,8 +594,12 @@ class FakeOpenAI(FakeLLMServer):
                 "model": model,
                 "choices": choices,
             }
+            if tgi:
+                body = {"object": obj, "id": "", "created": created, "model": model,
+                        "system_fingerprint": f"{self.version}-native", "choices": choices,
+                        "usage": None}  # fmt: skip
             body.update(extra)
-            return b"data: " + compact_json(body) + b"\n\n"
+            return data + compact_json(body) + b"\n\n"
 
         steps = max(len(g.tokens) for g in gens)
         for step in range(steps + 1):
@@ -568,16 +608,16 @@ class FakeOpenAI(FakeLLMServer):
                 self._drop(request)
                 return resp
             if fault == "error":
-                err = vllm_error(self._error_message, legacy=self.legacy_errors)
-                for data in (json.dumps(err).encode(), b"[DONE]"):
-                    if not await self._write(request, resp, b"data: " + data + b"\n\n"):
-                        return resp
+                if not await self._write(
+                    request, resp, self._stream_error() + data + b"[DONE]\n\n"
+                ):
+                    return resp
                 return await self._finish(request, resp)
             if step == steps:
                 break
             await self._pace(step)
             out = b""
-            if chat and step == 0:  # the role chunks go out with the first engine output
+            if chat and step == 0 and not tgi:  # role chunks go out with the first output
                 for i in range(len(gens)):
                     role = {"role": "assistant", "content": ""}
                     out += chunk([_stream_choice(i, role, None, None, chat, final=False)])
@@ -589,20 +629,54 @@ class FakeOpenAI(FakeLLMServer):
                 visible = text if last else text[: max(len(sent[i]), len(text) - holdback)]
                 delta, sent[i] = visible[len(sent[i]) :], visible
                 finish = ("length" if gen.finish == "length" else "stop") if last else None
+                if tgi:
+                    role = {"role": "assistant", "content": delta}
+                    choice = {"index": i, "delta": role, "logprobs": None, "finish_reason": finish}
+                    usage = _usage(gens) if last and include_usage else None
+                    out += chunk([choice], usage=usage)
+                    continue
                 payload: Any = {"content": delta} if chat else delta
                 choice = _stream_choice(i, payload, finish, gen.stop_sequence, chat, final=last)
                 out += chunk([choice]) if chat else chunk([choice], usage=None)
             if not await self._write(request, resp, out):
                 return resp
         tail = b""
-        if include_usage:
+        if include_usage and not tgi:
             tail += chunk([], usage=_usage(gens))
-        tail += b"data: [DONE]\n\n"
+        tail += data + b"[DONE]\n\n"
         if not await self._write(request, resp, tail):
             return resp
         return await self._finish(request, resp)
 
     # ---------------------------------------------------------------- helpers
+    def _stream_error(self) -> bytes:
+        """The event for an error inside a started stream, in this flavour's form."""
+        if self.flavour == "tgi":
+            return b"data:" + compact_json(self._tgi_error_event()) + b"\n\n"
+        if self.flavour == "llama.cpp":
+            code, kind = _LLAMA_CPP_ERRORS.get(self.error_type, (500, "server_error"))
+            body = {"code": code, "message": self._error_message, "type": kind}
+            return b"error: " + compact_json(body) + b"\n\n"
+        err = vllm_error(self._error_message, legacy=self.legacy_errors)
+        return b"data: " + json.dumps(err).encode() + b"\n\n"
+
+    def _tgi_error_event(self) -> dict[str, str]:
+        message = tgi_error_text(self.error_type, self._error_message)
+        return {"error": message, "error_type": TGI_ERRORS[self.error_type][1]}
+
+    def _tgi_unary(self, model: str, created: int, gens: list[Generation]) -> dict[str, Any]:
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": gen.text},
+             "logprobs": None, "finish_reason": "length" if gen.finish == "length" else "stop"}
+            for i, gen in enumerate(gens)
+        ]  # fmt: skip
+        usage = _usage(gens)
+        del usage["total_tokens"]  # TGI's Usage order: prompt, completion, total
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {"object": "chat.completion", "id": "", "created": created, "model": model,
+                "system_fingerprint": f"{self.version}-native", "choices": choices,
+                "usage": usage}  # fmt: skip
+
     def _error(
         self, message: str, err_type: str = "BadRequestError", status: int = 400
     ) -> web.Response:

@@ -15,6 +15,7 @@ from . import CANNED_REPLY, FakeOllama, FakeOpenAI, FakeTGI
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
 PROMPT = "be brief hi there"  # the chat prompt as the fakes see it: contents joined by a space
+PROMPT_REPLY = "".join(CANNED_REPLY)
 
 
 def sse_data(body: str) -> list[str]:
@@ -263,6 +264,43 @@ def test_vllm_in_stream_error(vllm: FakeOpenAI) -> None:
     )
     r = chat(vllm)  # the same fault, non-streaming: an error response
     assert (r.status_code, r.json()["error"]["message"]) == (400, "engine died")
+
+
+def test_tgi_messages_api_flavour() -> None:
+    with FakeOpenAI(models=["base-model"], flavour="tgi") as tgi:
+        body = {"messages": MESSAGES, "stream": True, "stream_options": {"include_usage": True}}
+        r, text = read_stream(f"{tgi.url}/v1/chat/completions", body)
+        assert text.startswith('data:{"object":"chat.completion.chunk","id":""')
+        assert "data: " not in text and text.endswith("data:[DONE]\n\n")
+        chunks = [json.loads(e) for e in sse_data(text)[:-1]]
+        assert len(chunks) == len(CANNED_REPLY) + 1  # one per token, EOS included
+        assert all(c["choices"][0]["delta"]["role"] == "assistant" for c in chunks)
+        assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == PROMPT_REPLY
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        assert chunks[-1]["usage"]["completion_tokens"] == 9
+        assert all(c["usage"] is None for c in chunks[:-1])
+        r = chat(tgi)
+        assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": PROMPT_REPLY}
+        assert r.json()["usage"] == {"prompt_tokens": 4, "completion_tokens": 9, "total_tokens": 13}
+        tgi.error_after_tokens, tgi.error_type = (0, ""), "overloaded"
+        r, text = read_stream(f"{tgi.url}/v1/chat/completions", body)
+        assert r.status_code == 200
+        assert text == (
+            'data:{"error":"Model is overloaded","error_type":"overloaded"}\n\ndata:[DONE]\n\n'
+        )
+        r = chat(tgi)
+        assert (r.status_code, r.json()["error_type"]) == (429, "overloaded")
+
+
+def test_llama_cpp_flavour_sends_stream_errors_as_an_error_field() -> None:
+    with FakeOpenAI(models=["base-model"], flavour="llama.cpp") as llama:
+        llama.error_after_tokens, llama.error_type = (1, "context full"), "validation"
+        body = {"messages": MESSAGES, "stream": True}
+        _, text = read_stream(f"{llama.url}/v1/chat/completions", body)
+        assert text.endswith(
+            'error: {"code":400,"message":"context full","type":"invalid_request_error"}\n\n'
+            "data: [DONE]\n\n"
+        )
 
 
 def test_vllm_server_drops_connection(vllm: FakeOpenAI) -> None:
@@ -560,6 +598,22 @@ def test_tgi_stream_errors(tgi: FakeTGI) -> None:
     assert "event:" not in text
     r = generate(tgi)
     assert (r.status_code, r.json()["error_type"]) == (424, "generation")
+    tgi.error_after_tokens, tgi.error_type = (1, ""), "overloaded"
+    _, text = read_stream(f"{tgi.url}/generate_stream", {"inputs": "hi"})
+    assert json.loads(sse_data(text)[-1]) == {
+        "error": "Model is overloaded",
+        "error_type": "overloaded",
+    }
+
+
+def test_tgi_shed_requests_answer_200_on_the_stream_and_429_on_generate(tgi: FakeTGI) -> None:
+    tgi.fail_next_tgi(429, "Model is overloaded", "overloaded", times=2)
+    r, text = read_stream(f"{tgi.url}/generate_stream", {"inputs": "hi"})
+    assert r.status_code == 200 and r.headers["content-type"] == "text/event-stream"
+    assert text == 'data:{"error":"Model is overloaded","error_type":"overloaded"}\n\n'
+    r = generate(tgi)
+    assert (r.status_code, r.json()["error_type"]) == (429, "overloaded")
+    assert generate(tgi).status_code == 200  # both used up
 
 
 def test_tgi_disconnects(tgi: FakeTGI) -> None:

@@ -14,10 +14,12 @@ Wire format reproduced from huggingface/text-generation-inference:
   ``decoder_input_details``; ``return_full_text`` prepends the inputs.
   ``generate_stream``: headers ``x-compute-type``, ``x-compute-characters``,
   ``X-Accel-Buffering: no``; *always status 200*: every error (validation, overload,
-  generation) arrives as an SSE event; ``best_of != 1`` and ``decoder_input_details`` are
-  refused there (``BestOfStream``, ``PrefillDetailsStream``); one ``StreamResponse`` per
-  generated token (``index`` from 1, ``token``, ``generated_text: null``, ``details: null``),
-  the last one with ``generated_text`` and, if ``details``, ``details``.
+  generation) arrives as an SSE event (``generate_stream_internal`` yields the ``Err`` of
+  ``infer.generate_stream``, whose ``limit_concurrent_requests`` sheds with Overloaded);
+  ``best_of != 1`` and ``decoder_input_details`` are refused there (``BestOfStream``,
+  ``PrefillDetailsStream``); one ``StreamResponse`` per generated token (``index`` from 1,
+  ``token``, ``generated_text: null``, ``details: null``), the last one with
+  ``generated_text`` and, if ``details``, ``details``.
   ``impl From<InferError> for Event``: the error event is ``Event::default().json_data(
   ErrorResponse {error, error_type})`` -- a plain ``data:`` line, no ``event:`` line.
   ``impl From<InferError> for (StatusCode, Json<ErrorResponse>)``: GenerationError 424,
@@ -82,6 +84,7 @@ import asyncio
 import json
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -113,6 +116,17 @@ class _InferError(Exception):
 
     def body(self) -> dict[str, str]:
         return {"error": self.message, "error_type": TGI_ERRORS[self.kind][1]}
+
+
+def tgi_error_text(kind: str, detail: str) -> str:
+    """TGI's text for an ``InferError`` of ``kind`` (router/src/infer/mod.rs)."""
+    texts = {
+        "generation": f"Request failed during generation: {detail}",
+        "validation": f"Input validation error: {detail}",
+        "overloaded": "Model is overloaded",
+        "incomplete_generation": "Incomplete generation",
+    }
+    return texts[kind]
 
 
 def _validation(message: str) -> _InferError:
@@ -161,6 +175,7 @@ class FakeTGI(FakeLLMServer):
         self._adapter_ids: list[str | None] = []
         self._adapter_lock = threading.Lock()
         self._permits: asyncio.Semaphore | None = None
+        self._infer_failures: deque[tuple[int, str, str]] = deque()
 
     # ------------------------------------------------------------------ public
     @property
@@ -196,9 +211,18 @@ class FakeTGI(FakeLLMServer):
         return self.generation(inputs, **kwargs).text
 
     def fail_next_tgi(self, status: int, message: str, error_type: str, times: int = 1) -> None:
-        """Queue TGI-shaped errors, e.g. ``fail_next_tgi(429, "Model is overloaded",
-        "overloaded")``. They answer as HTTP errors, on ``/generate_stream`` too."""
-        self.fail_next(status, {"error": message, "error_type": error_type}, times)
+        """Queue TGI's own errors for the next generation requests, e.g. ``fail_next_tgi(429,
+        "Model is overloaded", "overloaded")``: ``/generate`` answers them with ``status``,
+        ``/generate_stream`` with 200 and the error event, as TGI does. (``fail_next``
+        answers HTTP errors on every route, as a proxy in front of TGI would.)"""
+        with self._lock:
+            self._infer_failures.extend([(status, message, error_type)] * times)
+
+    def reset(self) -> None:
+        """Base reset plus the queued TGI errors."""
+        super().reset()
+        with self._lock:
+            self._infer_failures.clear()
 
     def info(self) -> dict[str, Any]:
         """The ``GET /info`` body."""
@@ -467,6 +491,8 @@ class FakeTGI(FakeLLMServer):
                     f"`best_of` must be > 0 and <= {self.max_best_of}. Given: {best_of}"
                 )
                 raise _Abort(self._infer_error(err))
+        if queued_failure := await self._queued_failure():
+            raise _Abort(self._json(queued_failure[1], queued_failure[0]))
         if self._permits.locked():
             raise _Abort(self._infer_error(_InferError("overloaded", "Model is overloaded")))
         async with self._permits:
@@ -485,8 +511,7 @@ class FakeTGI(FakeLLMServer):
                     self._drop(request)
                     raise _Abort(web.Response(status=200))
                 if fault == "error":
-                    message = f"Request failed during generation: {self._error_message}"
-                    raise _Abort(self._infer_error(_InferError("generation", message)))
+                    raise _Abort(self._infer_error(self._fault_error()))
                 if i < len(gen.tokens):
                     await self._pace(i)
         params = req["parameters"]
@@ -535,6 +560,10 @@ class FakeTGI(FakeLLMServer):
                 raise _validation(
                     "`decoder_input_details` == true is not supported when streaming tokens"
                 )
+            if queued_failure := await self._queued_failure():
+                if await self._write(request, resp, self._event(queued_failure[1])):
+                    return await self._finish(request, resp)
+                return resp
             if self._permits.locked():
                 raise _InferError("overloaded", "Model is overloaded")
             async with self._permits:
@@ -549,8 +578,7 @@ class FakeTGI(FakeLLMServer):
                         self._drop(request)
                         return resp
                     if fault == "error":
-                        message = f"Request failed during generation: {self._error_message}"
-                        raise _InferError("generation", message)
+                        raise self._fault_error()
                     if step == len(gen.tokens):
                         break
                     await self._pace(step)
@@ -604,6 +632,20 @@ class FakeTGI(FakeLLMServer):
             "prefill": prefill,
             "tokens": [_token(t) for t in gen.tokens],
         }
+
+    async def _queued_failure(self) -> tuple[int, dict[str, str]] | None:
+        """The next error queued by :meth:`fail_next_tgi` (status, body), after the delay."""
+        with self._lock:
+            failure = self._infer_failures.popleft() if self._infer_failures else None
+        if failure is None:
+            return None
+        await self._simulate_latency()
+        status, message, error_type = failure
+        return status, {"error": message, "error_type": error_type}
+
+    def _fault_error(self) -> _InferError:
+        """The error ``error_after_tokens`` injects, of kind ``error_type``."""
+        return _InferError(self.error_type, tgi_error_text(self.error_type, self._error_message))
 
     def _event(self, value: Any) -> bytes:
         return (b"data: " if self.sse_space else b"data:") + compact_json(value) + b"\n\n"
