@@ -15,6 +15,9 @@ What the base gives every fake:
   delayed, so background health probes keep working while a test stalls inference.
 * ``fail_next(status, body, times)``: queue canned error responses for the next inference
   requests (after the delay, so "slow failure" is testable too).
+* ``answer_with(path, status, text, content_type)``: answer every request to ``path``,
+  any route, with this body until :meth:`reset`, as a proxy in front of the server might
+  (an HTML page with 200, say).
 * ``disconnects``: requests whose client went away before the response was sent. aiohttp
   only cancels a handler on client disconnect when the server is built with
   ``handler_cancellation=True`` (opt-in since aiohttp 3.9), which :meth:`start` does; the
@@ -73,6 +76,7 @@ class FakeHTTPServer:
         self._changed = threading.Condition(self._lock)
         self._requests: list[RecordedRequest] = []
         self._failures: deque[tuple[int, Mapping[str, Any] | str]] = deque()
+        self._overrides: dict[str, tuple[int, str, str]] = {}
         self._disconnects = 0
         self._last_disconnect_at: float | None = None
         self._in_flight = 0
@@ -197,11 +201,20 @@ class FakeHTTPServer:
         with self._lock:
             self._failures.extend([(status, body)] * times)
 
+    def answer_with(
+        self, path: str, status: int, text: str, content_type: str = "text/html"
+    ) -> None:
+        """Answer every request to ``path`` with ``status`` and ``text`` until :meth:`reset`."""
+        with self._lock:
+            self._overrides[path] = (status, text, content_type)
+
     def reset(self) -> None:
-        """Forget recorded requests, queued failures and counters; clear the delay."""
+        """Forget recorded requests, queued failures, overrides and counters; clear the
+        delay."""
         with self._lock:
             self._requests.clear()
             self._failures.clear()
+            self._overrides.clear()
             self._disconnects = 0
             self._last_disconnect_at = None
             self.delay_s = 0.0
@@ -258,6 +271,11 @@ class FakeHTTPServer:
             self._in_flight += 1
             self._changed.notify_all()
         try:
+            with self._lock:
+                override = self._overrides.get(request.path)
+            if override is not None:
+                status, text, content_type = override
+                return web.Response(status=status, text=text, content_type=content_type)
             if self._is_inference(request):
                 with self._lock:
                     failure = self._failures.popleft() if self._failures else None

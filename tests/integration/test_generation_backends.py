@@ -1,6 +1,7 @@
 """Each backend's wire format, through a real generation server: TGI's native API (both SSE
-framings), Ollama's /api/chat and /api/generate, and what every backend shares (stream
-cancellation, a dropped connection) run against all three fakes."""
+framings), Ollama's /api/chat and /api/generate, the OpenAI-compatible API as vLLM, TGI's
+messages API and llama.cpp speak it, and what every backend shares (stream cancellation, a
+dropped connection, a body that is not JSON) run against each fake."""
 
 from __future__ import annotations
 
@@ -59,15 +60,38 @@ def vllm() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
+def tgi_messages() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(models=["tgi-model"], flavour="tgi") as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def llama_cpp() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI(models=["llama"], flavour="llama.cpp") as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
 def fakes(
-    tgi: FakeTGI, tgi_spaced: FakeTGI, ollama: FakeOllama, vllm: FakeOpenAI
+    tgi: FakeTGI,
+    tgi_spaced: FakeTGI,
+    ollama: FakeOllama,
+    vllm: FakeOpenAI,
+    tgi_messages: FakeOpenAI,
+    llama_cpp: FakeOpenAI,
 ) -> dict[str, FakeLLMServer]:
-    return {"tgi": tgi, "tgi-spaced": tgi_spaced, "ollama": ollama, "vllm": vllm}
+    return {"tgi": tgi, "tgi-spaced": tgi_spaced, "ollama": ollama, "vllm": vllm,
+            "tgi-messages": tgi_messages, "llama.cpp": llama_cpp}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def generation(
-    tgi: FakeTGI, tgi_spaced: FakeTGI, ollama: FakeOllama, vllm: FakeOpenAI
+    tgi: FakeTGI,
+    tgi_spaced: FakeTGI,
+    ollama: FakeOllama,
+    vllm: FakeOpenAI,
+    tgi_messages: FakeOpenAI,
+    llama_cpp: FakeOpenAI,
 ) -> Iterator[ServerProcess]:
     env = models_env(
         {"name": "tgi", "backend": "tgi", "url": tgi.url, "chat_template": CHAT_TEMPLATE,
@@ -80,6 +104,10 @@ def generation(
         {"name": "ollama-unpulled", "backend": "ollama", "url": ollama.url,
          "upstream_model": "mistral"},
         {"name": "vllm", "backend": "openai", "url": vllm.url, "upstream_model": "base-model"},
+        {"name": "tgi-messages", "backend": "openai", "url": tgi_messages.url,
+         "upstream_model": "tgi-model"},
+        {"name": "llama.cpp", "backend": "openai", "url": llama_cpp.url,
+         "upstream_model": "llama"},
         retry_backoff_s=0.05,
     )  # fmt: skip
     with ServerProcess("generation", env) as server:
@@ -219,6 +247,103 @@ async def test_tgi_error_event_mid_stream(client: GenerationClient, tgi: FakeTGI
     assert "CUDA OOM" in messages[-1].error
 
 
+async def test_tgi_overload_in_a_200_stream_is_retried_before_the_first_token(
+    client: GenerationClient, tgi: FakeTGI
+) -> None:
+    # /generate_stream sheds with 200 and an "overloaded" event: retried like a 429.
+    tgi.fail_next_tgi(429, "Model is overloaded", "overloaded", times=2)
+    messages = await stream(client, request("tgi", stream=True))
+    assert "".join(m.delta for m in messages) == tgi.expected_text(chat_prompt())
+    assert len(tgi.requests_to(TGI_STREAM)) == 3
+    tgi.reset()
+    tgi.fail_next_tgi(429, "Model is overloaded", "overloaded", times=5)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stream(client, request("tgi", stream=True))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "Model is overloaded" in (error.value.details() or "")
+    assert len(tgi.requests_to(TGI_STREAM)) == 3  # RETRY_ATTEMPTS, then given up
+
+
+async def test_tgi_overload_after_the_first_token_is_not_retried(
+    client: GenerationClient, tgi: FakeTGI
+) -> None:
+    tgi.error_after_tokens, tgi.error_type = (2, ""), "overloaded"
+    messages = await stream(client, request("tgi", stream=True))
+    assert "".join(m.delta for m in messages) == "Hello,"
+    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_ERROR
+    assert "Model is overloaded" in messages[-1].error
+    assert len(tgi.requests_to(TGI_STREAM)) == 1
+
+
+# --- OpenAI-compatible servers -------------------------------------------------------------
+
+OPENAI_FLAVOURS = ["vllm", "tgi-messages"]
+
+
+@pytest.mark.parametrize("model", OPENAI_FLAVOURS)
+async def test_openai_compatible_unary_and_stream(
+    client: GenerationClient, fakes: dict[str, FakeLLMServer], model: str
+) -> None:
+    fake = fakes[model]
+    assert isinstance(fake, FakeOpenAI)
+    expected = fake.generation("hello there")
+    for reply in (
+        await client.stub.Generate(request(model)),
+        (await stream(client, request(model, stream=True)))[-1],
+    ):
+        assert reply.finish_reason == generation_pb2.FINISH_REASON_STOP
+        assert reply.usage.prompt_tokens == expected.prompt_tokens
+        assert reply.usage.completion_tokens == expected.completion_tokens
+        assert reply.backend == generation_pb2.GENERATION_BACKEND_OPENAI
+    assert (await client.stub.Generate(request(model))).text == expected.text
+    messages = await stream(client, request(model, stream=True))
+    assert "".join(m.delta for m in messages) == expected.text
+    params = S(temperature=0, max_tokens=3)
+    reply = await client.stub.Generate(request(model, params=params))
+    assert (reply.text, reply.finish_reason) == ("Hello, I", generation_pb2.FINISH_REASON_LENGTH)
+
+
+async def test_tgi_messages_api_error_events_map_like_the_native_api(
+    client: GenerationClient, tgi_messages: FakeOpenAI
+) -> None:
+    chat = "/v1/chat/completions"
+    tgi_messages.error_after_tokens = (0, "`temperature` must be strictly positive")
+    tgi_messages.error_type = "validation"
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stream(client, request("tgi-messages", stream=True))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "`temperature` must be strictly positive" in (error.value.details() or "")
+    assert len(tgi_messages.requests_to(chat)) == 1
+    tgi_messages.error_type = "overloaded"  # shed before any work: retried, then given up
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stream(client, request("tgi-messages", stream=True))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(tgi_messages.requests_to(chat)) == 1 + 3
+    tgi_messages.error_after_tokens = (2, "CUDA OOM")
+    tgi_messages.error_type = "generation"
+    messages = await stream(client, request("tgi-messages", stream=True))
+    assert "".join(m.delta for m in messages) == "Hello,"
+    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_ERROR
+    assert "Request failed during generation: CUDA OOM" in messages[-1].error
+
+
+async def test_llama_cpp_error_field_in_a_stream_is_not_dropped(
+    client: GenerationClient, llama_cpp: FakeOpenAI
+) -> None:
+    llama_cpp.error_after_tokens = (0, "the request exceeds the available context size")
+    llama_cpp.error_type = "validation"  # code 400
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stream(client, request("llama.cpp", stream=True))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "exceeds the available context size" in (error.value.details() or "")
+    llama_cpp.error_after_tokens = (2, "decode failed")
+    llama_cpp.error_type = "generation"  # code 500
+    messages = await stream(client, request("llama.cpp", stream=True))
+    assert "".join(m.delta for m in messages) == "Hello,"
+    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_ERROR
+    assert "decode failed" in messages[-1].error
+
+
 # --- Ollama ----------------------------------------------------------------------------------
 
 
@@ -279,6 +404,29 @@ async def test_ollama_failures(client: GenerationClient, ollama: FakeOllama) -> 
     assert "not found" in (error.value.details() or "")
 
 
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [(400, grpc.StatusCode.INVALID_ARGUMENT), (500, grpc.StatusCode.UNAVAILABLE)],
+)
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_ollama_error_statuses(
+    client: GenerationClient,
+    ollama: FakeOllama,
+    status: int,
+    code: grpc.StatusCode,
+    streaming: bool,
+) -> None:
+    ollama.fail_next_ollama(status, f"ollama says {status}", times=3)
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        if streaming:
+            await stream(client, request("ollama", stream=True))
+        else:
+            await client.stub.Generate(request("ollama"))
+    assert error.value.code() == code
+    assert f"ollama says {status}" in (error.value.details() or "")
+    assert len(ollama.requests_to("/api/chat")) == 1  # the server did work: not retried
+
+
 async def test_ollama_readiness_names_a_model_not_pulled(client: GenerationClient) -> None:
     reply = await client.stub.ListModels(generation_pb2.GenerationServiceListModelsRequest())
     models = {m.name: m for m in reply.models}
@@ -294,6 +442,7 @@ STREAM_PATHS = {
     "tgi-spaced": TGI_STREAM,
     "ollama": "/api/chat",
     "vllm": "/v1/chat/completions",
+    "tgi-messages": "/v1/chat/completions",
 }
 
 
@@ -334,3 +483,46 @@ async def test_a_slow_first_token_is_waited_for(
     messages = await stream(client, request(model, stream=True))
     assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_STOP
     assert messages[-1].timings.time_to_first_token.ToMilliseconds() >= 450
+
+
+@pytest.mark.parametrize("model", sorted(STREAM_PATHS))
+async def test_a_success_that_is_not_json_is_unavailable(
+    client: GenerationClient, fakes: dict[str, FakeLLMServer], model: str
+) -> None:
+    fake = fakes[model]
+    page = "<html><body>502 Bad Gateway</body></html>"
+    fake.fail_next(200, page, times=2)  # as a misconfigured proxy might answer
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await client.stub.Generate(request(model))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "not JSON" in (error.value.details() or "") and "Bad Gateway" in (
+        error.value.details() or ""
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await stream(client, request(model, stream=True))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = error.value.details() or ""
+    assert "not an event stream" in details or "not JSON" in details, details  # NDJSON: Ollama
+
+
+async def test_a_probe_answer_that_is_not_json_makes_the_model_unready(
+    client: GenerationClient, ollama: FakeOllama
+) -> None:
+    async def ollama_model() -> Any:
+        reply = await client.stub.ListModels(generation_pb2.GenerationServiceListModelsRequest())
+        return next(m for m in reply.models if m.name == "ollama")
+
+    async def until(ready: bool) -> Any:
+        for _ in range(50):  # readiness is probed every 0.2 s
+            model = await ollama_model()
+            if model.ready == ready:
+                break
+            await asyncio.sleep(0.1)
+        return model
+
+    ollama.answer_with("/api/tags", 200, "<html>Sign in</html>")
+    model = await until(ready=False)
+    assert not model.ready
+    assert "not JSON" in model.unavailable_reason and "Sign in" in model.unavailable_reason
+    ollama.reset()
+    assert (await until(ready=True)).ready

@@ -8,6 +8,7 @@ one mapping from upstream failures to gRPC statuses, shared by every backend.
 | 401, 403                               | FAILED_PRECONDITION  |
 | 429, 503                               | RESOURCE_EXHAUSTED   |
 | other 4xx/5xx, refused, reset, timeout | UNAVAILABLE          |
+| a success whose body is not JSON       | UNAVAILABLE          |
 
 Refused connections and 429/503 are marked `retryable`: the upstream did no work.
 """
@@ -74,6 +75,12 @@ def error_for_status(response: httpx.Response, backend: str, invalid_field: str)
     blamed when the upstream rejects the input (400/413/422)."""
     status = response.status_code
     message = f"{backend} answered {status}: {upstream_message(response)}"
+    return error_for_code(status, message, invalid_field)
+
+
+def error_for_code(status: int, message: str, invalid_field: str) -> ServiceError:
+    """The ServiceError for an HTTP status code, also one a server puts in an error it sends
+    inside a started stream (llama.cpp's `code`)."""
     if status in (400, 413, 422):
         return InvalidArgument(invalid_field, message)
     if status == 404:
@@ -85,6 +92,18 @@ def error_for_status(response: httpx.Response, backend: str, invalid_field: str)
         error.retryable = True
         return error
     return Unavailable(message)
+
+
+def json_body(response: httpx.Response, backend: str) -> Any:
+    """A successful answer's JSON. A body that is not JSON (a proxy's HTML page, a cut-off
+    answer) is UNAVAILABLE naming the server, not a failure of ours."""
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Unavailable(
+            f"{backend} at {response.url} answered {response.status_code} with a body that "
+            f"is not JSON: {response.text[:200]!r}"
+        ) from exc
 
 
 def raise_for_status(response: httpx.Response, backend: str, invalid_field: str) -> None:

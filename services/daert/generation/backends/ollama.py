@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from daert.generation.backends.base import Completion, UpstreamCall
-from daert.generation.backends.wire import error_text, json_object
+from daert.generation.backends.wire import error_text, json_answer, json_object
 from daert.generation.config import ModelConfig
 from daert.generation.request import Delta, Finished, GenerationInput, StreamEvent
 from daert.runtime.errors import Unavailable
@@ -55,7 +55,8 @@ class OllamaBackend:
         response = await send(
             self._http, "GET", "/api/tags", backend=LABEL, url=self.url, invalid_field="model"
         )
-        names = {_canonical(m.get("name", "")) for m in response.json().get("models") or ()}
+        tags = json_answer(response, LABEL)
+        names = {_canonical(m.get("name", "")) for m in tags.get("models") or ()}
         if _canonical(self._model) not in names:
             raise Unavailable(
                 f"{LABEL} at {self.url} does not have model {self._model!r} "
@@ -68,7 +69,7 @@ class OllamaBackend:
             self._http, "POST", path, backend=LABEL, url=self.url, invalid_field="params",
             json=body,
         )  # fmt: skip
-        answer = json_object(response.text, LABEL)
+        answer = json_answer(response, LABEL)
         if "error" in answer:
             raise Unavailable(f"{LABEL} failed: {error_text(answer)}")
         return Completion(_text(answer), _finished(answer))

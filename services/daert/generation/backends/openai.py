@@ -4,8 +4,13 @@
 Streams are SSE: `data: {chunk}` events, each with `choices[0].delta.content` (chat) or
 `choices[0].text` (completions), `finish_reason` on the last choice, then, because we ask
 with `stream_options.include_usage`, a chunk with `"choices": []` and `usage`, then
-`data: [DONE]`. vLLM reports the stop string that ended generation in `stop_reason`, and
-sends a failure inside a started stream as a `data: {"error": {...}}` event.
+`data: [DONE]`. vLLM reports the stop string that ended generation in `stop_reason`. A
+failure inside a stream that has answered 200 is an event: vLLM (and llama.cpp since its
+server was split up) send `data: {"error": {...}}`; TGI's messages API sends its native
+`data:{"error": "...", "error_type": ...}`, mapped as the TGI backend maps it (a validation
+error is INVALID_ARGUMENT, an overload RESOURCE_EXHAUSTED and retried before the first
+token); older llama.cpp servers send `error: {"code", "message", "type"}`, an SSE field SSE
+clients drop, mapped like the HTTP status in `code`.
 
 Sampling fields beyond OpenAI's (top_k, repetition_penalty) and vLLM's regex constraint
 (`structured_outputs.regex`) are sent only when the caller sets them: a server that does
@@ -18,10 +23,15 @@ import os
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from httpx_sse import EventSource
-
 from daert.generation.backends.base import Completion, UpstreamCall
-from daert.generation.backends.wire import error_text, json_object
+from daert.generation.backends.wire import (
+    coded_error,
+    error_text,
+    json_answer,
+    json_object,
+    sse_events,
+    tgi_error,
+)
 from daert.generation.config import ModelConfig
 from daert.generation.request import (
     Delta,
@@ -68,7 +78,7 @@ class OpenAIBackend:
             self._http, "POST", path, backend=LABEL, url=self.url, invalid_field="params",
             json=body,
         )  # fmt: skip
-        answer = response.json()
+        answer = json_answer(response, LABEL)
         choice = (answer.get("choices") or [{}])[0]
         text = choice.get("text") if call.input.prompt is not None else None
         if text is None:
@@ -85,10 +95,14 @@ class OpenAIBackend:
             # Read to the end of the body, past [DONE]: a connection left mid-body is
             # closed instead of going back to the pool, and the next request would pay
             # for a new one.
-            async for event in EventSource(response).aiter_sse():
+            async for event in sse_events(response, LABEL):
+                if event.error:
+                    raise coded_error(json_object(event.data, LABEL), LABEL)
                 if event.data.strip() == "[DONE]":
                     continue
                 chunk = json_object(event.data, LABEL)
+                if "error_type" in chunk:
+                    raise tgi_error(chunk, LABEL)
                 if "error" in chunk or chunk.get("object") == "error":
                     raise Unavailable(f"{LABEL} failed mid-stream: {error_text(chunk)}")
                 usage = chunk.get("usage") or usage

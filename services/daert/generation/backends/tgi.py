@@ -21,20 +21,13 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from httpx_sse import EventSource
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from daert.generation.backends.base import Completion, UpstreamCall
-from daert.generation.backends.wire import error_text, json_object
+from daert.generation.backends.wire import json_answer, json_object, sse_events, tgi_error
 from daert.generation.config import ModelConfig
 from daert.generation.request import Delta, Finished, GenerationInput, StreamEvent
-from daert.runtime.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    ResourceExhausted,
-    ServiceError,
-    Unavailable,
-)
+from daert.runtime.errors import FailedPrecondition, Unavailable
 from daert.runtime.upstream import http_client, open_stream, send
 from daert.v1 import generation_pb2
 
@@ -79,7 +72,7 @@ class TgiBackend:
             self._http, "POST", "/generate", backend=LABEL, url=self.url,
             invalid_field="params", json=self._body(call),
         )  # fmt: skip
-        answer = json_object(response.text, LABEL)
+        answer = json_answer(response, LABEL)
         details = answer.get("details") or {}
         stop = _StopSequences(call.input.sampling.stop)
         finished = _finished(details, response.headers.get("x-prompt-tokens"))
@@ -92,10 +85,10 @@ class TgiBackend:
             self._http, "/generate_stream", backend=LABEL, url=self.url,
             invalid_field="params", json=self._body(call),
         ) as response:  # fmt: skip
-            async for event in EventSource(response).aiter_sse():
+            async for event in sse_events(response, LABEL):
                 chunk = json_object(event.data, LABEL)
                 if "error" in chunk:
-                    raise _stream_error(chunk)
+                    raise tgi_error(chunk, LABEL)
                 token = chunk.get("token") or {}
                 if not token.get("special"):
                     text = stop.feed(str(token.get("text") or ""))
@@ -157,20 +150,6 @@ class TgiBackend:
 
     async def close(self) -> None:
         await self._http.aclose()
-
-
-def _stream_error(event: dict[str, Any]) -> ServiceError:
-    """/generate_stream answers 200 even to bad or shed requests: the error event's
-    `error_type` says which status an HTTP answer would have had."""
-    message = f"{LABEL}: {error_text(event)}"
-    match event.get("error_type"):
-        case "validation":
-            return InvalidArgument("params", message)
-        case "overloaded":
-            error = ResourceExhausted(message)
-            error.retryable = True  # shed before any work, like an HTTP 429
-            return error
-    return Unavailable(message)
 
 
 def _finished(details: dict[str, Any], prompt_tokens_header: str | None) -> Finished:

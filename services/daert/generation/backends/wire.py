@@ -1,11 +1,21 @@
-"""Reading what inference servers send: one JSON object per SSE event or NDJSON line."""
+"""Reading what inference servers send: answers and events that are JSON objects, SSE
+streams, and the error events servers send inside a stream that has already answered 200."""
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
-from daert.runtime.errors import Unavailable
+import httpx
+
+from daert.runtime.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
+from daert.runtime.upstream import error_for_code, json_body
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def json_object(data: str, label: str) -> dict[str, Any]:
@@ -19,6 +29,17 @@ def json_object(data: str, label: str) -> dict[str, Any]:
     return value
 
 
+def json_answer(response: httpx.Response, label: str) -> dict[str, Any]:
+    """A whole (non-streaming) answer's JSON object."""
+    value = json_body(response, label)
+    if not isinstance(value, dict):
+        raise Unavailable(
+            f"{label} at {response.url} answered with JSON that is not an object: "
+            f"{response.text[:200]!r}"
+        )
+    return value
+
+
 def error_text(event: dict[str, Any]) -> str:
     """The message of an error event: {"error": "..."} (TGI, Ollama) or
     {"error": {"message": "..."}} / {"object": "error", "message": "..."} (vLLM)."""
@@ -26,3 +47,81 @@ def error_text(event: dict[str, Any]) -> str:
     if isinstance(error, dict):
         error = error.get("message", error)
     return str(error)[:500]
+
+
+def tgi_error(event: dict[str, Any], label: str) -> ServiceError:
+    """TGI's error event, {"error": "...", "error_type": ...}, on /generate_stream and on its
+    messages API (/v1/chat/completions): both answer 200 even to bad or shed requests, and
+    `error_type` says which status an HTTP answer would have had."""
+    message = f"{label}: {error_text(event)}"
+    match event.get("error_type"):
+        case "validation":
+            return InvalidArgument("params", message)
+        case "overloaded":
+            error = ResourceExhausted(message)
+            error.retryable = True  # shed before any work, like an HTTP 429
+            return error
+    return Unavailable(message)
+
+
+def coded_error(event: dict[str, Any], label: str) -> ServiceError:
+    """An error event that carries the HTTP status it stands for, as llama.cpp's
+    {"code": 400, "message": "...", "type": "..."} does: mapped like that status."""
+    code = event.get("code")
+    message = f"{label}: {error_text(event)}"
+    if not isinstance(code, int):
+        return Unavailable(message)
+    return error_for_code(code, message, "params")
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    data: str
+    error: bool = False  # an `error:` field (llama.cpp) rather than `data:`
+
+
+async def sse_events(response: httpx.Response, label: str) -> AsyncGenerator[SseEvent, None]:
+    """The events of an SSE body, `data:` with or without the space after the colon. Read
+    here rather than by an SSE client library: those drop fields the SSE spec does not
+    define, and llama.cpp sends a failure inside a started stream as an `error:` field.
+    A body that is not an event stream (a proxy's HTML page with 200) is UNAVAILABLE."""
+    content_type = response.headers.get("content-type", "").partition(";")[0].strip()
+    if content_type != "text/event-stream":
+        body = (await response.aread()).decode(errors="replace")
+        raise Unavailable(
+            f"{label} at {response.url} answered {content_type or 'no content type'}, not an "
+            f"event stream: {body[:200]!r}"
+        )
+    data: list[str] = []
+    errors: list[str] = []
+    async with aclosing(_lines(response)) as lines:
+        async for line in lines:
+            if not line:  # a blank line ends the event
+                if errors:
+                    yield SseEvent("\n".join(errors), error=True)
+                elif data:
+                    yield SseEvent("\n".join(data))
+                data, errors = [], []
+                continue
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "data":
+                data.append(value)
+            elif field == "error":
+                errors.append(value)
+            # Comments (":"), event, id and retry carry nothing these servers need.
+
+
+async def _lines(response: httpx.Response) -> AsyncGenerator[str, None]:
+    """Lines split only at CR, LF and CRLF, as SSE says (str.splitlines, which httpx uses,
+    also splits at U+2028 and others that JSON may carry unescaped). An unterminated last
+    line is an event cut off: dropped, as the SSE spec says."""
+    pending = ""
+    async for text in response.aiter_text():
+        pending += text
+        # A CR at the end may be the first half of a CRLF: decide with the next piece.
+        complete = pending[:-1] if pending.endswith("\r") else pending
+        *lines, rest = _LINE_END.split(complete)
+        pending = rest + pending[len(complete) :]
+        for line in lines:
+            yield line
