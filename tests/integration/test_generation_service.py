@@ -48,6 +48,8 @@ def generation(vllm: FakeOpenAI, cache_url: str) -> Iterator[ServerProcess]:
         {"name": "plain", "backend": "openai", "url": vllm.url, "upstream_model": "base-model",
          "supports_structured_output": False},
         {"name": "dead", "backend": "openai", "url": f"http://127.0.0.1:{free_port()}"},
+        {"name": "impatient", "backend": "openai", "url": vllm.url,
+         "upstream_model": "base-model", "timeout_s": 0.5},
         redis_url=cache_url,
         retry_backoff_s=0.05,
         max_request_chars=10_000,
@@ -186,7 +188,7 @@ async def test_structured_output(client: GenerationClient, vllm: FakeOpenAI) -> 
 async def test_list_models(client: GenerationClient) -> None:
     reply = await client.stub.ListModels(generation_pb2.GenerationServiceListModelsRequest())
     models = {m.name: m for m in reply.models}
-    assert [m.name for m in reply.models] == ["vllm", "plain", "dead"]
+    assert [m.name for m in reply.models] == ["vllm", "plain", "dead", "impatient"]
     assert models["vllm"].is_default and models["vllm"].ready
     assert models["vllm"].supports_adapters and not models["plain"].supports_adapters
     assert not models["plain"].supports_structured_output
@@ -281,8 +283,11 @@ async def test_refused_connection_is_unavailable_fast(client: GenerationClient) 
 
 STATUS_MAPPING = [
     (400, grpc.StatusCode.INVALID_ARGUMENT),
+    (413, grpc.StatusCode.INVALID_ARGUMENT),
+    (422, grpc.StatusCode.INVALID_ARGUMENT),
     (404, grpc.StatusCode.NOT_FOUND),
     (401, grpc.StatusCode.FAILED_PRECONDITION),
+    (403, grpc.StatusCode.FAILED_PRECONDITION),
     (429, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (503, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (500, grpc.StatusCode.UNAVAILABLE),
@@ -299,7 +304,7 @@ async def test_upstream_status_mapping(
     code: grpc.StatusCode,
     streaming: bool,
 ) -> None:
-    vllm.fail_next_openai(status, f"upstream says {status}", times=3)  # outlasts the retries
+    vllm.fail_next_openai(status, f"upstream says {status}", times=5)  # outlasts the retries
     with pytest.raises(grpc.aio.AioRpcError) as error:
         if streaming:
             await stream(client, request("vllm", stream=True))
@@ -307,8 +312,25 @@ async def test_upstream_status_mapping(
             await client.stub.Generate(request("vllm"))
     assert error.value.code() == code
     assert f"upstream says {status}" in (error.value.details() or "")
-    # Only 429 and 503 are tried again (3 attempts in all).
+    # Only 429 and 503 are tried again: RETRY_ATTEMPTS (3) requests in all, then given up.
     assert upstream_calls(vllm) == (3 if status in (429, 503) else 1)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
+async def test_a_read_timeout_is_unavailable_at_the_models_timeout(
+    client: GenerationClient, vllm: FakeOpenAI, streaming: bool
+) -> None:
+    vllm.first_token_delay_s = 5.0  # "impatient" waits 0.5 s for the next bytes
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        if streaming:
+            await stream(client, request("impatient", stream=True))
+        else:
+            await client.stub.Generate(request("impatient"))
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "timed out (ReadTimeout)" in (error.value.details() or "")
+    assert time.monotonic() - started < 2.0
+    assert upstream_calls(vllm) == 1  # the server may have started: not retried
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
@@ -390,15 +412,23 @@ async def test_a_cache_hit_is_identical_and_skips_the_server(
     assert second.timings.HasField("time_to_first_token")
 
 
-async def test_a_cached_answer_is_replayed_as_the_same_stream(
+async def test_a_cached_answer_is_replayed_as_a_stream(
     client: GenerationClient, vllm: FakeOpenAI
 ) -> None:
     original = await stream(client, request("vllm", stream=True))
     replayed = await stream(client, request("vllm", stream=True))
     assert upstream_calls(vllm) == 1
-    assert [m.delta for m in replayed] == [m.delta for m in original]
+    # The same text, though not in the same pieces: deltas ready at once go out merged.
+    assert "".join(m.delta for m in replayed) == "".join(m.delta for m in original)
     assert not original[-1].cached and replayed[-1].cached
-    assert replayed[0].model == "vllm" and replayed[-1].usage == original[-1].usage
+    first, last = replayed[0], replayed[-1]
+    assert first.delta and (first.model, first.backend, first.replica) == (
+        "vllm", generation_pb2.GENERATION_BACKEND_OPENAI, "vllm"
+    )  # fmt: skip
+    assert (last.model, last.backend, last.replica) == (first.model, first.backend, "vllm")
+    assert last.finish_reason == original[-1].finish_reason == generation_pb2.FINISH_REASON_STOP
+    assert last.usage == original[-1].usage
+    assert not last.delta
     # Stored by a stream, served to a unary call too.
     assert (await client.stub.Generate(request("vllm"))).cached
 
@@ -485,17 +515,26 @@ async def test_entries_expire_and_failed_answers_are_not_stored(
 
 
 async def test_concurrent_identical_requests_reach_the_server_once(
-    client: GenerationClient, vllm: FakeOpenAI
+    client: GenerationClient, vllm: FakeOpenAI, generation: ServerProcess
 ) -> None:
+    def coalesced() -> float:
+        return metric(generation.metrics_port, "daert_generation_coalesced_total")
+
+    before = coalesced()
     vllm.first_token_delay_s = 0.5
     replies = await asyncio.gather(*(client.stub.Generate(request("vllm")) for _ in range(20)))
     assert upstream_calls(vllm) == 1
     assert {r.text for r in replies} == {vllm.expected_text("hello there")}
+    # All 20 arrived within the flight (none was a cache hit): 19 followed the first.
+    assert not any(r.cached for r in replies)
+    assert coalesced() == before + 19
     streams = await asyncio.gather(
         *(stream(client, request("vllm", "streamed", stream=True)) for _ in range(20))
     )
     assert upstream_calls(vllm) == 2
     assert {"".join(m.delta for m in s) for s in streams} == {vllm.expected_text("streamed")}
+    assert not any(s[-1].cached for s in streams)
+    assert coalesced() == before + 38
 
 
 async def test_a_shared_generation_runs_while_any_caller_waits(

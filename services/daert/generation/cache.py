@@ -2,9 +2,11 @@
 
 An entry is keyed by a hash of everything that changes the answer: backend kind, model,
 requested adapter, tenant, the messages or prompt, every sampling parameter and the
-response format. It keeps the deltas as they were streamed, so a streaming call replays a
-cached answer in the original pieces. Only finished answers (stop, length, stop sequence)
-are stored, never a cut-off or failed one.
+response format. It keeps the text (as the deltas it was generated in), finish reason, usage
+and where it ran; a streaming call gets it replayed as a stream with the same first and
+last messages, its text usually in one delta (deltas that are all ready at once go out
+merged, see `relay.merge_backlog`). Only finished answers (stop, length, stop sequence) are
+stored, never a cut-off or failed one.
 
 The semantic index answers a request whose last user message is close enough (embedding
 cosine) to one answered before, when everything else is identical: its scope hashes all
