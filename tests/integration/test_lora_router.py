@@ -4,8 +4,8 @@ a real Redis (shared placement state) and the real embedding service (all-MiniLM
 load/unload in vLLM's wire format); LoRAX replicas are only probed on /health by the router,
 so the same fake stands in for them.
 
-Adapters that have examples are restricted to their test's tenant, so each test's "auto"
-candidates are its own."""
+Adapters that have examples or a description are restricted to their test's tenant, so each
+test's "auto" candidates are its own."""
 
 from __future__ import annotations
 
@@ -316,12 +316,14 @@ async def test_registry_survives_a_router_restart(
     env = router_env(lora_dsn, [replica("lorax-0", lorax)], redis_server)
     with running(env) as first:
         async with LoraRouterClient(first.target) as client:
-            stored = await register(client, "persisted", description="kept across restarts")
+            stored = await register(
+                client, "persisted", description="kept across restarts", tenants=["restart"]
+            )
     with running(env) as second:
         async with LoraRouterClient(second.target) as client:
             got = await client.stub.GetAdapter(lora_pb2.GetAdapterRequest(name="persisted"))
             assert got.adapter == stored
-            assert (await route(client, "persisted")).reason == EXPLICIT
+            assert (await route(client, "persisted", tenant="restart")).reason == EXPLICIT
 
 
 # --- which adapter ------------------------------------------------------------------------------
