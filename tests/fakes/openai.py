@@ -105,6 +105,7 @@ with a short message instead of pydantic's text.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -191,6 +192,8 @@ class FakeOpenAI(FakeLLMServer):
         self.flavour = flavour
         #: LoRA paths the "engine" cannot find: loading one answers vLLM's 404.
         self.missing_lora_paths: set[str] = set()
+        #: Seconds ``/v1/load_lora_adapter`` takes before it answers (weights being read).
+        self.lora_load_delay_s = 0.0
         self._adapters: dict[str, str] = dict(lora_modules or {})
         self._adapter_lock = threading.Lock()
         self._created = int(time.time())
@@ -320,6 +323,7 @@ class FakeOpenAI(FakeLLMServer):
                 "Both 'lora_name' and 'lora_path' must be provided.", "InvalidUserInput"
             )
         name, path = str(name), str(path)
+        await asyncio.sleep(self.lora_load_delay_s)
         with self._adapter_lock:
             if name in self._adapters and not body.get("load_inplace"):
                 return self._error(
