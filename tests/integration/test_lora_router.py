@@ -566,6 +566,10 @@ async def test_vllm_replica_loads_once_and_unloads_what_was_evicted(
                     {"lora_name": "v-a", "lora_path": "/adapters/v-a"}
                 ]
                 assert (await route(client, "v-b")).loaded
+                for reply in cold:  # v-a's requests end, so it may be evicted
+                    await client.stub.ReleaseRoute(
+                        lora_pb2.ReleaseRouteRequest(route_id=reply.route_id)
+                    )
                 evicting = await route(client, "v-c")
                 assert evicting.loaded and evicting.replica.kind == lora_pb2.REPLICA_KIND_VLLM
                 unloads = vllm.requests_to("/v1/unload_lora_adapter")
@@ -574,7 +578,7 @@ async def test_vllm_replica_loads_once_and_unloads_what_was_evicted(
                 assert vllm.loaded_adapters == ["v-b", "v-c"]
                 state = await replicas(client)
                 assert list(state["vllm-0"].resident_adapters) == ["v-c", "v-b"]
-                assert state["vllm-0"].in_flight == 10
+                assert state["vllm-0"].in_flight == 2
 
                 # New weights under the same name: the old ones leave the replica, and the
                 # next route loads the new source.
@@ -592,6 +596,34 @@ async def test_vllm_replica_loads_once_and_unloads_what_was_evicted(
                 state = await replicas(client)
                 assert list(state["vllm-0"].resident_adapters) == ["v-b"]
             assert metric(server, "daert_lora_adapter_loads_total", replica="vllm-0") == 4
+
+
+async def test_an_adapter_with_routes_in_flight_is_not_unloaded(
+    lora_dsn: str, redis_server: EmbeddedRedis
+) -> None:
+    with FakeOpenAI(models=[BASE], enable_lora=True) as vllm:
+        replicas_ = [replica("vllm-u", vllm, kind="vllm", max_resident_adapters=1)]
+        env = router_env(lora_dsn, replicas_, redis_server, popularity_half_life=0)
+        with running(env) as server:
+            async with LoraRouterClient(server.target, max_attempts=1) as client:
+                for name in ("use-a", "use-b", "use-c"):
+                    await register(client, name)
+                running_a = await route(client, "use-a")  # its request is still running
+                running_b = await route(client, "use-b")
+                # The only slot's adapter is in use: the replica takes one more instead.
+                assert running_b.loaded and vllm.requests_to("/v1/unload_lora_adapter") == []
+                assert vllm.loaded_adapters == ["use-a", "use-b"]
+                for reply in (running_a, running_b):
+                    await client.stub.ReleaseRoute(
+                        lora_pb2.ReleaseRouteRequest(route_id=reply.route_id)
+                    )
+                # Both idle now: the next cold start there evicts down to the one slot.
+                assert (await route(client, "use-c")).loaded
+                unloads = vllm.requests_to("/v1/unload_lora_adapter")
+                assert sorted(r.json["lora_name"] for r in unloads) == ["use-a", "use-b"]
+                assert vllm.loaded_adapters == ["use-c"]
+                state = (await replicas(client))["vllm-u"]
+                assert list(state.resident_adapters) == ["use-c"]
 
 
 async def test_vllm_load_failures_are_clear_errors(
@@ -689,6 +721,40 @@ async def test_two_routers_sharing_redis_agree(lora_dsn: str, redis_server: Embe
                 state = await replicas(a)
                 assert sum(s.in_flight for s in state.values()) == 4
                 assert state == await replicas(b)
+
+
+async def test_a_route_through_another_router_waits_for_the_load_under_way(
+    lora_dsn: str, redis_server: EmbeddedRedis
+) -> None:
+    with FakeOpenAI(models=[BASE], enable_lora=True) as vllm:
+        env = router_env(lora_dsn, [replica("vllm-w", vllm, kind="vllm")], redis_server)
+        with running(env) as one, running(env) as two:
+            async with (
+                LoraRouterClient(one.target, max_attempts=1) as a,
+                LoraRouterClient(two.target, max_attempts=1) as b,
+            ):
+                await register(a, "slow-a")
+                await register(a, "slow-bad", source="/adapters/slow-bad")
+                vllm.lora_load_delay_s = 1.0
+                loading = asyncio.create_task(route(a, "slow-a"))
+                await asyncio.sleep(0.3)  # router one's load is under way
+                warm = await route(b, "slow-a")
+                # Router two answers once the adapter is there, not when Redis says resident.
+                assert "slow-a" in vllm.loaded_adapters
+                assert not warm.loaded and (await loading).loaded
+                assert len(vllm.requests_to("/v1/load_lora_adapter")) == 1
+
+                # A load that fails fails the routes waiting for it in the other router too.
+                vllm.missing_lora_paths.add("/adapters/slow-bad")
+                failing = asyncio.create_task(route(a, "slow-bad"))
+                await asyncio.sleep(0.3)
+                error = await rpc_error(route(b, "slow-bad"))
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
+                details = error.details() or ""
+                assert "slow-bad" in details and "vllm-w" in details and "failed" in details
+                assert (await rpc_error(failing)).code() == grpc.StatusCode.FAILED_PRECONDITION
+                state = (await replicas(a))["vllm-w"]
+                assert (list(state.resident_adapters), state.in_flight) == (["slow-a"], 2)
 
 
 async def test_routing_goes_on_while_redis_is_down(

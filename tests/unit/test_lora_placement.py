@@ -42,6 +42,15 @@ async def place_all(state: PlacementState, slots: list[Slot], adapters: str) -> 
     return [await state.place(slots, adapter) for adapter in adapters.split()]
 
 
+async def finished(state: PlacementState, slots: list[Slot], adapters: str) -> list[Placement]:
+    """Routes that each end before the next: nothing stays in use."""
+    placed = []
+    for adapter in adapters.split():
+        placed.append(await state.place(slots, adapter))
+        await state.release(placed[-1].route_id)
+    return placed
+
+
 async def test_affinity_second_route_goes_where_the_adapter_is() -> None:
     state = local()
     slots = [Slot("r0", 4), Slot("r1", 4)]
@@ -62,10 +71,8 @@ async def test_cold_start_prefers_a_free_slot_then_the_less_loaded() -> None:
 async def test_cold_start_evicts_the_cheapest_victim_within_the_margin() -> None:
     state = local(LRU)  # spill_margin 2
     slots = [Slot("r0", 1), Slot("r1", 1)]
-    await state.place(slots, "a")  # r0, stays in flight
-    b = await state.place(slots, "b")  # r1, the less loaded
-    assert b.replica == "r1"
-    await state.release(b.route_id)
+    await finished(state, slots, "a b")  # "a" on r0, then "b" on r1
+    assert (await state.place(slots, "")).replica == "r0"  # stays in flight
     # r0 is busier (1 vs 0) but within the margin, and its "a" is older than r1's "b".
     c = await state.place(slots, "c")
     assert (c.replica, c.evicted) == ("r0", ("a",))
@@ -78,7 +85,7 @@ async def test_cold_start_evicts_the_cheapest_victim_within_the_margin() -> None
 async def test_lru_evicts_the_least_recently_used_and_lists_mru_first() -> None:
     state = local(LRU)
     slots = [Slot("r0", 3)]
-    placed = await place_all(state, slots, "a b c a d")
+    placed = await finished(state, slots, "a b c a d")
     assert placed[-1].evicted == ("b",)
     assert (await state.states(["r0"]))["r0"].resident == ["d", "a", "c"]
 
@@ -86,7 +93,7 @@ async def test_lru_evicts_the_least_recently_used_and_lists_mru_first() -> None:
 async def test_popularity_protects_an_adapter_used_often() -> None:
     state = local(LRFU)
     slots = [Slot("r0", 2)]
-    placed = await place_all(state, slots, "hot hot hot rare1 rare2")
+    placed = await finished(state, slots, "hot hot hot rare1 rare2")
     # LRU would evict "hot" (used before rare1); by popularity the one-off goes.
     assert placed[-1].evicted == ("rare1",)
     assert (await state.states(["r0"]))["r0"].resident == ["rare2", "hot"]
@@ -153,39 +160,132 @@ async def test_forget_and_clear_drop_residency() -> None:
     assert states["r0"].resident == [] and states["r1"].resident == []
 
 
-@pytest.mark.parametrize("policy", [LRU, LRFU], ids=["lru", "lrfu"])
+async def test_adapters_in_use_are_never_evicted() -> None:
+    state = local(LRU)
+    slots = [Slot("r0", 1)]
+    a = await state.place(slots, "a")  # stays in flight
+    b = await state.place(slots, "b")
+    # The only slot's adapter is in use: "b" goes beyond the capacity instead.
+    assert b.loaded and b.evicted == ()
+    assert (await state.states(["r0"]))["r0"].resident == ["b", "a"]
+    await state.release(a.route_id)
+    await state.release(b.route_id)
+    # The next route there evicts down to the capacity.
+    assert (await state.place(slots, "c")).evicted == ("a", "b")
+
+
+async def test_a_cold_start_leaves_the_margin_for_a_replica_with_an_adapter_not_in_use() -> None:
+    state = local(LRU)  # spill_margin 2
+    r0, r1 = Slot("r0", 1), Slot("r1", 1)
+    await state.place([r0], "a")  # in flight on r0
+    await finished(state, [r1], "b")
+    for _ in range(4):
+        await state.place([r1], "")  # r1: 4 in flight, beyond the margin of r0's 1
+    c = await state.place([r0, r1], "c")
+    assert (c.replica, c.evicted) == ("r1", ("b",))
+
+
+@pytest.fixture(params=["local", "redis"])
+async def shared_or_local(
+    request: pytest.FixtureRequest, redis_state: RedisState
+) -> tuple[PlacementState, Clock]:
+    clock = Clock()
+    redis = redis_state if request.param == "redis" else None
+    prefix = f"loads-{uuid.uuid4().hex}:"
+    return PlacementState(redis, LRU, key_prefix=prefix, clock=clock), clock
+
+
+async def test_routes_wait_for_a_load_under_way_until_it_ends_or_its_deadline(
+    shared_or_local: tuple[PlacementState, Clock],
+) -> None:
+    state, clock = shared_or_local
+    slots = [Slot("v0", 4, load_s=10.0)]
+    first = await state.place(slots, "a")
+    assert first.loaded and not first.loading
+    second = await state.place(slots, "a")
+    assert not second.loaded and second.loading
+    assert await state.load_state("v0", "a") == "loading"
+    await state.finish_load(first.route_id, "a", ok=True)
+    assert await state.load_state("v0", "a") == "resident"
+    assert not (await state.place(slots, "a")).loading
+
+    failing = await state.place(slots, "b")
+    assert (await state.place(slots, "b")).loading
+    await state.finish_load(failing.route_id, "b", ok=False)
+    assert await state.load_state("v0", "b") == "gone"
+    assert "b" not in (await state.states(["v0"]))["v0"].resident
+    assert (await state.place(slots, "b")).loaded  # cold again
+
+    stalled = await state.place(slots, "c")
+    clock.now += 10  # its deadline passes: the next route loads it
+    taken_over = await state.place(slots, "c")
+    assert taken_over.loaded and not taken_over.loading
+    await state.finish_load(stalled.route_id, "c", ok=False)  # no longer its load
+    assert await state.load_state("v0", "c") == "loading"
+    await state.finish_load(taken_over.route_id, "c", ok=True)
+    assert await state.load_state("v0", "c") == "resident"
+
+    lorax = [Slot("x0", 4)]  # loads adapters itself: nothing to wait for
+    await state.place(lorax, "d")
+    assert not (await state.place(lorax, "d")).loading
+
+
+PARITY_POLICIES = [
+    Policy(spill_factor=1.0, spill_margin=1, popularity_half_life=0, lease_s=60.0),
+    Policy(spill_factor=1.0, spill_margin=1, popularity_half_life=20, lease_s=60.0),
+]
+
+
+@pytest.mark.parametrize("policy", PARITY_POLICIES, ids=["lru", "popularity"])
 async def test_redis_script_decides_exactly_as_the_local_rule(
     redis_state: RedisState, policy: Policy
 ) -> None:
-    """Random routes, releases and expiries on both; every decision and state must match."""
+    """Random routes, releases, load ends and expiries on both, with fewer slots than
+    adapters: every decision and state must match, evictions and spills included."""
     clock = Clock()
     prefix = f"parity-{uuid.uuid4().hex}:"
     shared = PlacementState(redis_state, policy, key_prefix=prefix, clock=clock)
     alone = local(policy, clock)
-    slots = [Slot("r0", 2), Slot("r1", 3), Slot("r2", 2)]
+    slots = [Slot("r0", 1), Slot("r1", 2, load_s=2.0), Slot("r2", 1)]
     tgi = Slot("tgi", 2, pinned=("a1", "a2"))
     names = [s.name for s in [*slots, tgi]]
     rng = random.Random(5)
     in_flight: list[tuple[str, str]] = []
-    for step in range(400):
+    loads: list[tuple[str, str, str]] = []  # (adapter, route ids) of loads under way on r1
+    seen = {"evictions": 0, "spills": 0, "waits": 0, "beyond capacity": 0}
+    for step in range(600):
         clock.now += rng.choice([0.0, 0.001, 0.5, 5.0])
-        if in_flight and rng.random() < 0.35:
+        if in_flight and rng.random() < 0.5:
             one, other = in_flight.pop(rng.randrange(len(in_flight)))
             assert await shared.release(one) == await alone.release(other), step
+            continue
+        if loads and rng.random() < 0.3:
+            adapter, one, other = loads.pop(rng.randrange(len(loads)))
+            ok = rng.random() < 0.8
+            await shared.finish_load(one, adapter, ok)
+            await alone.finish_load(other, adapter, ok)
+            assert await shared.states(names) == await alone.states(names), step
             continue
         adapter = rng.choice(["", *(f"a{i}" for i in range(9)), "a0", "a0", "a1"])
         candidates = [*slots, tgi] if adapter in ("", "a1", "a2") else slots
         got = await shared.place(candidates, adapter)
         expected = await alone.place(candidates, adapter)
-        assert (got.replica, got.loaded, got.spilled, got.in_flight, got.evicted) == (
-            expected.replica,
-            expected.loaded,
-            expected.spilled,
-            expected.in_flight,
-            expected.evicted,
-        ), step
+        decision = ("replica", "loaded", "spilled", "in_flight", "evicted", "loading")
+        assert [getattr(got, f) for f in decision] == [getattr(expected, f) for f in decision], step
         in_flight.append((got.route_id, expected.route_id))
-        assert await shared.states(names) == await alone.states(names), step
+        if got.loaded and got.replica == "r1":
+            loads.append((adapter, got.route_id, expected.route_id))
+        states = await shared.states(names)
+        assert states == await alone.states(names), step
+        seen["evictions"] += len(got.evicted)
+        seen["spills"] += got.spilled
+        seen["waits"] += got.loading
+        seen["beyond capacity"] += any(len(states[s.name].resident) > s.capacity for s in slots)
+        for s in slots:
+            assert await shared.load_state(s.name, adapter) == await alone.load_state(
+                s.name, adapter
+            ), step
+    assert all(seen.values()), seen
 
 
 async def test_redis_down_falls_back_to_local_state_and_is_counted() -> None:

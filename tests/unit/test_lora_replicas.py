@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ from daert.lora.config import ReplicaConfig
 from daert.lora.replicas import ReplicaPool
 from daert.runtime.errors import FailedPrecondition, ResourceExhausted, Unavailable
 
-Handler = Callable[[httpx.Request], Awaitable[httpx.Response]]
+Handler = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
 
 
 def vllm_error(message: str, status: int, kind: str) -> httpx.Response:
@@ -40,11 +41,17 @@ def pool_with(handler: Handler, kind: str = "vllm") -> tuple[ReplicaPool, list[s
 
 
 class Failures:
+    """The `on_end` of a load: counts the loads that failed and those that succeeded."""
+
     def __init__(self) -> None:
         self.count = 0
+        self.successes = 0
 
-    async def __call__(self) -> None:
-        self.count += 1
+    async def __call__(self, ok: bool) -> None:
+        if ok:
+            self.successes += 1
+        else:
+            self.count += 1
 
 
 async def test_routes_arriving_during_a_load_wait_for_it() -> None:
@@ -66,7 +73,7 @@ async def test_routes_arriving_during_a_load_wait_for_it() -> None:
     release.set()
     await asyncio.gather(loading, waiting)
     assert calls == [{"lora_name": "sql", "lora_path": "/adapters/sql"}]
-    assert failures.count == 0 and pool.get("v0").loading == {}
+    assert (failures.count, failures.successes) == (0, 1) and pool.get("v0").loading == {}
     await pool.wait_loading("v0", "sql")  # nothing under way: returns at once
 
 

@@ -39,7 +39,8 @@ class ReplicaConfig(BaseModel):
         ge=1,
         le=4096,
         description="Most adapters the replica keeps loaded at once (vLLM: --max-cpu-loras, "
-        "LoRAX: --max-active-adapters); the router evicts the least recently used beyond it.",
+        "LoRAX: --max-active-adapters); beyond it the router evicts the least popular adapter "
+        "that no route in flight uses there.",
     )
     adapters: list[str] = Field(
         default_factory=list,
@@ -49,7 +50,8 @@ class ReplicaConfig(BaseModel):
     timeout_s: float = Field(
         120.0,
         gt=0,
-        description="vllm: how long loading an adapter may take (weights may be downloaded).",
+        description="vllm: how long loading an adapter may take (weights may be downloaded); "
+        "routes for an adapter another route is loading wait this long at most.",
     )
 
     @field_validator("name")

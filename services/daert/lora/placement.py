@@ -2,10 +2,12 @@
 leases.
 
 State: per replica, the adapters resident there (scored by their last use, so they list most
-recently used first) and the routes in flight there, each a lease that ends at ReleaseRoute
-or at its expiry; across replicas, each adapter's popularity, a count of its routes decayed
-with a half-life counted in routes (LRFU: half-life 0 makes it its last use, i.e. plain
-LRU). "Load" is a replica's count of unexpired leases.
+recently used first), the routes in flight there, each a lease that ends at ReleaseRoute or
+at its expiry and names its adapter, and the adapters a route is loading there (vLLM), each
+with the deadline of its load; across replicas, each adapter's popularity, a count of its
+routes decayed with a half-life counted in routes (LRFU: half-life 0 makes it its last use,
+i.e. plain LRU). "Load" is a replica's count of unexpired leases; an adapter "in use" on a
+replica has a lease there.
 
 The rule, over the replicas that serve the request's base model:
   1. Base model (no adapter): the least loaded replica.
@@ -13,13 +15,23 @@ The rule, over the replicas that serve the request's base model:
      load exceeds `spill_factor` x the mean load + `spill_margin`. Then the request spills
      to step 3, and the adapter becomes resident on a second replica.
   3. Cold start: among the replicas whose load is within `spill_margin` of the least loaded,
-     one with a free slot, else the one whose least popular resident adapter is the least
-     popular of all (then the less loaded). The adapter is loaded there and, beyond the
-     replica's capacity, its least popular adapter is evicted. Choosing the victim across
-     replicas keeps the churn of rarely used adapters in few slots.
+     one with a free slot, else the one whose least popular resident adapter not in use is
+     the least popular of all (then the less loaded). The adapter is loaded there and, beyond
+     the replica's capacity, its least popular adapters not in use are evicted. Choosing the
+     victim across replicas keeps the churn of rarely used adapters in few slots. When every
+     adapter on those replicas is in use, any replica with a free slot or a victim will do;
+     when none has, the least loaded takes the adapter beyond its capacity, and the next
+     route there evicts down to capacity what is no longer in use.
 Remaining ties go to the first replica in configuration order. Why popularity rather than
 recency for evictions: one-off requests for rare adapters then replace each other instead of
 pushing out adapters that are used all the time (bench/lora_router_bench.py measures both).
+An adapter in use is never evicted, as unloading it would fail its requests in flight.
+
+A cold start on a replica whose adapters the router loads (vLLM) marks the adapter loading
+there until the route that loads it reports the end (`finish_load`: a failure also takes the
+residency back) or the load's deadline passes. A route for the adapter arriving meanwhile
+learns it must wait (`Placement.loading`, then `load_state`); one arriving after the deadline
+(its loader went away) loads it again.
 
 With Redis, choosing and recording happen in one Lua script, so concurrent routes from
 several router processes see each other's choices (two cold routes for an adapter cannot
@@ -34,12 +46,15 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from daert.runtime.redis_state import RedisState
 
 # The route id carries its replica, so ReleaseRoute needs no lookup: "<replica>/<token>".
 ROUTE_ID_SEPARATOR = "/"
+
+# An adapter on a replica: its load is under way, it is there, or it is not (its load failed).
+LoadState = Literal["loading", "resident", "gone"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,9 @@ class Slot:
     capacity: int  # most adapters resident at once
     # Adapters always resident and never loaded or evicted here (TGI's LORA_ADAPTERS).
     pinned: tuple[str, ...] = ()
+    # How long a load may take where the router loads adapters (vLLM); 0: the replica
+    # loads them itself (LoRAX) or has them from its start (TGI).
+    load_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +90,9 @@ class Placement:
     loaded: bool  # the adapter was not resident: a cold start on `replica`
     spilled: bool  # a replica held the adapter but was overloaded
     in_flight: int  # on `replica`, this route included
-    evicted: tuple[str, ...] = ()  # adapters the cold start pushed out of `replica`
+    evicted: tuple[str, ...] = ()  # adapters no longer in use pushed out of `replica`
+    # Resident, but another route's load of it there has not ended: wait for it.
+    loading: bool = False
 
 
 @dataclass
@@ -103,18 +123,25 @@ def bump_popularity(old: float | None, use: int, decay: float) -> float:
     return high + math.log(1 + math.exp(-abs(old - score)))
 
 
-# KEYS: resident zset of each candidate (n), lease zset of each candidate (n), use counter,
-#       popularity zset.
+# KEYS: per candidate (n each): its resident zset, lease zset (token -> expiry), lease hash
+#       (token -> adapter) and loading hash (adapter -> "<deadline> <loader's token>"); then
+#       the use counter and the popularity zset.
 # ARGV: adapter ("" = base model), now_ms, lease_ms, token, spill_factor, spill_margin,
-#       decay, then per candidate its capacity and 1 if the adapter is pinned there else 0.
+#       decay, then per candidate its capacity, 1 if the adapter is pinned there else 0, and
+#       its load_ms (0: the router loads nothing there).
 # Mirrors LocalPlacement.place step for step; tests check that the two agree.
 _PLACE_LUA = """
-local n = (#KEYS - 2) / 2
-local uses_key, popularity_key = KEYS[2 * n + 1], KEYS[2 * n + 2]
+local n = (#KEYS - 2) / 4
+local uses_key, popularity_key = KEYS[4 * n + 1], KEYS[4 * n + 2]
 local adapter, now, lease, token = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local factor, margin, decay = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local function capacity(i) return tonumber(ARGV[6 + 2 * i]) end
-local function pinned(i) return ARGV[7 + 2 * i] == '1' end
+local function resident_key(i) return KEYS[i] end
+local function leases_key(i) return KEYS[n + i] end
+local function owners_key(i) return KEYS[2 * n + i] end
+local function loading_key(i) return KEYS[3 * n + i] end
+local function capacity(i) return tonumber(ARGV[5 + 3 * i]) end
+local function pinned(i) return ARGV[6 + 3 * i] == '1' end
+local function load_ms(i) return tonumber(ARGV[7 + 3 * i]) end
 
 local use = 0
 if adapter ~= '' then
@@ -130,12 +157,23 @@ if adapter ~= '' then
   redis.call('ZADD', popularity_key, score, adapter)
 end
 
--- The resident adapter of replica i, other than the one being placed, of lowest
--- popularity (the least recently used among equals), and its popularity.
+-- The adapters with a lease on replica i (expired leases are purged first).
+local in_use = {}
+local function used(i, member)
+  if in_use[i] == nil then
+    in_use[i] = {}
+    for _, name in ipairs(redis.call('HVALS', owners_key(i))) do in_use[i][name] = true end
+  end
+  return in_use[i][member] == true
+end
+
+-- The resident adapter of replica i, other than the one being placed and not in use, of
+-- lowest popularity (the least recently used among equals), and its popularity; nil when
+-- there is none.
 local function victim(i)
   local best, best_score = nil, nil
-  for _, member in ipairs(redis.call('ZRANGE', KEYS[i], 0, -1)) do
-    if member ~= adapter then
+  for _, member in ipairs(redis.call('ZRANGE', resident_key(i), 0, -1)) do
+    if member ~= adapter and not used(i, member) then
       local s = tonumber(redis.call('ZSCORE', popularity_key, member)) or -math.huge
       if best_score == nil or s < best_score then best, best_score = member, s end
     end
@@ -145,11 +183,15 @@ end
 
 local loads, holds, total, min_load = {}, {}, 0, nil
 for i = 1, n do
-  redis.call('ZREMRANGEBYSCORE', KEYS[n + i], '-inf', now)
-  loads[i] = redis.call('ZCARD', KEYS[n + i])
+  for _, expired in ipairs(redis.call('ZRANGEBYSCORE', leases_key(i), '-inf', now)) do
+    redis.call('HDEL', owners_key(i), expired)
+  end
+  redis.call('ZREMRANGEBYSCORE', leases_key(i), '-inf', now)
+  loads[i] = redis.call('ZCARD', leases_key(i))
   total = total + loads[i]
   if min_load == nil or loads[i] < min_load then min_load = loads[i] end
-  holds[i] = adapter ~= '' and (pinned(i) or redis.call('ZSCORE', KEYS[i], adapter) ~= false)
+  holds[i] = adapter ~= ''
+    and (pinned(i) or redis.call('ZSCORE', resident_key(i), adapter) ~= false)
 end
 local holder = nil
 for i = 1, n do
@@ -163,35 +205,68 @@ elseif adapter == '' then
     if loads[i] == min_load then choice = i break end
   end
 else
-  local best_value = nil
-  for i = 1, n do
-    if loads[i] <= min_load + margin then
-      local value = -math.huge
-      if redis.call('ZCARD', KEYS[i]) >= capacity(i) then
-        local _, s = victim(i)
-        value = s
+  -- A free slot is worth -inf, a victim its popularity, a replica full of adapters in use +inf.
+  local values = {}
+  local function value(i)
+    if values[i] == nil then
+      values[i] = -math.huge
+      if redis.call('ZCARD', resident_key(i)) >= capacity(i) then
+        local found, s = victim(i)
+        values[i] = found and s or math.huge
       end
-      if best_value == nil or value < best_value
-          or (value == best_value and loads[i] < loads[choice]) then
-        choice, best_value = i, value
+    end
+    return values[i]
+  end
+  local function best_within(limit)
+    local best = nil
+    for i = 1, n do
+      if loads[i] <= limit and (best == nil or value(i) < value(best)
+          or (value(i) == value(best) and loads[i] < loads[best])) then
+        best = i
       end
+    end
+    return best
+  end
+  choice = best_within(min_load + margin)
+  if value(choice) == math.huge then choice = best_within(math.huge) end
+end
+
+redis.call('ZADD', leases_key(choice), now + lease, token)
+local loaded, loading, evicted = adapter ~= '' and not holds[choice], 0, {}
+if adapter ~= '' and not pinned(choice) then
+  redis.call('HSET', owners_key(choice), token, adapter)
+  redis.call('ZADD', resident_key(choice), use, adapter)
+  while redis.call('ZCARD', resident_key(choice)) > capacity(choice) do
+    local member = victim(choice)
+    if member == nil then break end
+    redis.call('ZREM', resident_key(choice), member)
+    table.insert(evicted, member)
+  end
+  if load_ms(choice) > 0 then
+    local marker = redis.call('HGET', loading_key(choice), adapter)
+    if loaded or (marker and tonumber(string.match(marker, '^%d+')) <= now) then
+      loaded = true
+      redis.call('HSET', loading_key(choice), adapter,
+                 string.format('%d %s', now + load_ms(choice), token))
+    elseif marker then
+      loading = 1
     end
   end
 end
+return {choice, loaded and 1 or 0, (holder ~= nil and choice ~= holder) and 1 or 0,
+        loads[choice] + 1, evicted, redis.call('ZREVRANGE', resident_key(choice), 0, -1),
+        loading}
+"""
 
-redis.call('ZADD', KEYS[n + choice], now + lease, token)
-local evicted = {}
-if adapter ~= '' and not pinned(choice) then
-  redis.call('ZADD', KEYS[choice], use, adapter)
-  while redis.call('ZCARD', KEYS[choice]) > capacity(choice) do
-    local member = victim(choice)
-    redis.call('ZREM', KEYS[choice], member)
-    table.insert(evicted, member)
-  end
-end
-return {choice, (adapter ~= '' and not holds[choice]) and 1 or 0,
-        (holder ~= nil and choice ~= holder) and 1 or 0, loads[choice] + 1, evicted,
-        redis.call('ZREVRANGE', KEYS[choice], 0, -1)}
+# KEYS: the replica's loading hash and resident zset. ARGV: adapter, the loader's token, 1
+# when the load succeeded. Only the route whose load is marked ends it: after its deadline
+# another route may have taken the load over.
+_FINISH_LOAD_LUA = """
+local marker = redis.call('HGET', KEYS[1], ARGV[1])
+if not marker or string.match(marker, ' (%x+)$') ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+if ARGV[3] ~= '1' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+return 1
 """
 
 
@@ -202,13 +277,16 @@ class LocalPlacement:
     def __init__(self, policy: Policy) -> None:
         self._policy = policy
         self._resident: dict[str, dict[str, int]] = {}  # replica -> adapter -> last use
-        self._leases: dict[str, dict[str, float]] = {}  # replica -> token -> expiry (s)
+        # replica -> token -> (expiry in s, adapter; "" for none or a pinned one)
+        self._leases: dict[str, dict[str, tuple[float, str]]] = {}
+        # replica -> adapter -> (deadline in ms, as in Redis; the loading route's token)
+        self._loading: dict[str, dict[str, tuple[int, str]]] = {}
         self._popularity: dict[str, float] = {}
         self._uses = 0
 
-    def _live_leases(self, replica: str, now: float) -> dict[str, float]:
+    def _live_leases(self, replica: str, now: float) -> dict[str, tuple[float, str]]:
         leases = self._leases.setdefault(replica, {})
-        for token in [t for t, expiry in leases.items() if expiry <= now]:
+        for token in [t for t, (expiry, _) in leases.items() if expiry <= now]:
             del leases[token]
         return leases
 
@@ -219,9 +297,13 @@ class LocalPlacement:
         )
         return self._uses
 
-    def _victim(self, replica: str, adapter: str) -> tuple[str, float]:
+    def _victim(self, replica: str, adapter: str, in_use: set[str]) -> tuple[str, float] | None:
         resident = self._resident.get(replica, {})
-        members = sorted((use, name) for name, use in resident.items() if name != adapter)
+        members = sorted(
+            (use, name) for name, use in resident.items() if name != adapter and name not in in_use
+        )
+        if not members:
+            return None
         popularity = [(self._popularity.get(name, -math.inf), name) for _, name in members]
         score, name = min(popularity, key=lambda pair: pair[0])  # min keeps the first of equals
         return name, score
@@ -229,7 +311,9 @@ class LocalPlacement:
     def place(self, candidates: Sequence[Slot], adapter: str, token: str, now: float) -> Placement:
         policy = self._policy
         use = self._use(adapter) if adapter else 0
-        loads = [len(self._live_leases(slot.name, now)) for slot in candidates]
+        leases = [self._live_leases(slot.name, now) for slot in candidates]
+        loads = [len(live) for live in leases]
+        in_use = [{name for _, name in live.values()} for live in leases]
         min_load = min(loads)
         holds = [
             bool(adapter)
@@ -245,32 +329,61 @@ class LocalPlacement:
             choice = loads.index(min_load)
         else:
 
-            def victim_value(i: int) -> float:
+            def value(i: int) -> float:
+                """A free slot -inf, a victim its popularity, adapters all in use +inf."""
                 slot = candidates[i]
                 if len(self._resident.get(slot.name, {})) < slot.capacity:
                     return -math.inf
-                return self._victim(slot.name, adapter)[1]
+                found = self._victim(slot.name, adapter, in_use[i])
+                return found[1] if found else math.inf
 
-            near = [i for i, load in enumerate(loads) if load <= min_load + policy.spill_margin]
-            choice = min(near, key=lambda i: (victim_value(i), loads[i]))
+            def best_within(limit: float) -> int:
+                within = [i for i, load in enumerate(loads) if load <= limit]
+                return min(within, key=lambda i: (value(i), loads[i]))
+
+            choice = best_within(min_load + policy.spill_margin)
+            if value(choice) == math.inf:
+                choice = best_within(math.inf)
         slot = candidates[choice]
-        self._leases.setdefault(slot.name, {})[token] = now + policy.lease_s
-        evicted: list[str] = []
-        if adapter and adapter not in slot.pinned:
+        tracked = bool(adapter) and adapter not in slot.pinned
+        self._leases.setdefault(slot.name, {})[token] = (
+            now + policy.lease_s,
+            adapter if tracked else "",
+        )
+        loaded, loading, evicted = bool(adapter) and not holds[choice], False, []
+        if tracked:
             resident = self._resident.setdefault(slot.name, {})
             resident[adapter] = use
             while len(resident) > slot.capacity:
-                name, _ = self._victim(slot.name, adapter)
-                del resident[name]
-                evicted.append(name)
+                found = self._victim(slot.name, adapter, in_use[choice])
+                if found is None:  # the others are in use: evicted once they are not
+                    break
+                del resident[found[0]]
+                evicted.append(found[0])
+            if slot.load_s:
+                loaded, loading = self._mark_loading(slot, adapter, token, now, loaded)
         return Placement(
             replica=slot.name,
             route_id=slot.name + ROUTE_ID_SEPARATOR + token,
-            loaded=bool(adapter) and not holds[choice],
+            loaded=loaded,
             spilled=holder is not None and choice != holder,
             in_flight=loads[choice] + 1,
             evicted=tuple(evicted),
+            loading=loading,
         )
+
+    def _mark_loading(
+        self, slot: Slot, adapter: str, token: str, now: float, cold: bool
+    ) -> tuple[bool, bool]:
+        """(loaded, loading) of a route for `adapter` on `slot`: a cold start, or a route
+        after a load's deadline (its route went away), loads it and is marked as loading."""
+        markers = self._loading.setdefault(slot.name, {})
+        marker = markers.get(adapter)
+        now_ms = int(now * 1000)
+        if cold or (marker is not None and marker[0] <= now_ms):
+            markers[adapter] = (now_ms + int(slot.load_s * 1000), token)
+            return True, False
+        return False, marker is not None
 
     def mirror(
         self,
@@ -279,32 +392,48 @@ class LocalPlacement:
         resident_mru_first: Sequence[str],
         token: str,
         expiry: float,
+        loading_until_ms: int | None,
     ) -> None:
         """Take over a decision made in Redis: the use, the replica's resident set, the
-        lease."""
+        lease, and the load this route makes (`loading_until_ms`: its deadline)."""
         if adapter:
             self._use(adapter)
         # Last uses that keep Redis's order, the adapter just used being the latest.
         self._resident[replica] = {
             name: self._uses - rank for rank, name in enumerate(resident_mru_first)
         }
-        self._leases.setdefault(replica, {})[token] = expiry
+        tracked = adapter if adapter in self._resident[replica] else ""
+        self._leases.setdefault(replica, {})[token] = (expiry, tracked)
+        if loading_until_ms is not None:
+            self._loading.setdefault(replica, {})[adapter] = (loading_until_ms, token)
 
     def release(self, replica: str, token: str, now: float) -> bool:
-        expiry = self._leases.get(replica, {}).pop(token, None)
+        expiry, _ = self._leases.get(replica, {}).pop(token, (None, ""))
         return expiry is not None and expiry > now
 
-    def drop(self, replica: str, adapter: str | None) -> None:
-        """Forget one adapter on `replica`, or (None) all of them."""
-        if adapter is None:
-            self._resident.pop(replica, None)
-        else:
+    def finish_load(self, replica: str, adapter: str, token: str, ok: bool) -> None:
+        markers = self._loading.get(replica, {})
+        if markers.get(adapter, (0, ""))[1] != token:
+            return
+        del markers[adapter]
+        if not ok:
             self._resident.get(replica, {}).pop(adapter, None)
+
+    def load_state(self, replica: str, adapter: str) -> LoadState:
+        if adapter in self._loading.get(replica, {}):
+            return "loading"
+        return "resident" if adapter in self._resident.get(replica, {}) else "gone"
+
+    def clear(self, replica: str) -> None:
+        self._resident.pop(replica, None)
+        self._loading.pop(replica, None)
 
     def forget(self, adapter: str) -> None:
         self._popularity.pop(adapter, None)
         for resident in self._resident.values():
             resident.pop(adapter, None)
+        for markers in self._loading.values():
+            markers.pop(adapter, None)
 
     def state(self, replica: str, now: float) -> ReplicaState:
         resident = self._resident.get(replica, {})
@@ -331,12 +460,19 @@ class PlacementState:
         self._clock = clock
         self._local = LocalPlacement(policy)
         self._script = redis.client.register_script(_PLACE_LUA) if redis else None
+        self._finish = redis.client.register_script(_FINISH_LOAD_LUA) if redis else None
 
     def _resident_key(self, replica: str) -> str:
         return f"{self._prefix}resident:{replica}"
 
     def _leases_key(self, replica: str) -> str:
         return f"{self._prefix}leases:{replica}"
+
+    def _owners_key(self, replica: str) -> str:
+        return f"{self._prefix}lease-adapters:{replica}"
+
+    def _loading_key(self, replica: str) -> str:
+        return f"{self._prefix}loading:{replica}"
 
     @property
     def _popularity_key(self) -> str:
@@ -364,9 +500,11 @@ class PlacementState:
             repr(policy.decay),
         ]
         for slot in candidates:
-            args += [slot.capacity, 1 if adapter in slot.pinned else 0]
+            args += [slot.capacity, 1 if adapter in slot.pinned else 0, int(slot.load_s * 1000)]
         keys = [self._resident_key(s.name) for s in candidates]
         keys += [self._leases_key(s.name) for s in candidates]
+        keys += [self._owners_key(s.name) for s in candidates]
+        keys += [self._loading_key(s.name) for s in candidates]
         keys += [f"{self._prefix}uses", self._popularity_key]
         script = self._script
 
@@ -377,10 +515,16 @@ class PlacementState:
         reply = await self._attempt("route", run)
         if reply is None:
             return self._local.place(candidates, adapter, token, now)
-        index, loaded, spilled, in_flight, evicted, resident = reply
+        index, loaded, spilled, in_flight, evicted, resident, loading = reply
         slot = candidates[int(index) - 1]
+        marked = bool(loaded) and slot.load_s > 0
         self._local.mirror(
-            slot.name, adapter, [_text(a) for a in resident], token, now + policy.lease_s
+            slot.name,
+            adapter,
+            [_text(a) for a in resident],
+            token,
+            now + policy.lease_s,
+            int(now * 1000) + int(slot.load_s * 1000) if marked else None,
         )
         return Placement(
             replica=slot.name,
@@ -389,6 +533,7 @@ class PlacementState:
             spilled=bool(spilled),
             in_flight=int(in_flight),
             evicted=tuple(_text(a) for a in evicted),
+            loading=bool(loading),
         )
 
     async def release(self, route_id: str) -> bool:
@@ -406,23 +551,46 @@ class PlacementState:
             async with self._redis.client.pipeline(transaction=True) as pipe:
                 pipe.zscore(key, token)
                 pipe.zrem(key, token)
-                expiry, removed = await pipe.execute()
+                pipe.hdel(self._owners_key(replica), token)
+                expiry, removed, _ = await pipe.execute()
             # An expired lease that no route has purged yet is not in flight any more.
             return bool(removed) and expiry is not None and expiry > now * 1000
 
         # A route placed while Redis was down is known only here.
         return bool(await self._attempt("release", run)) or local
 
-    async def drop(self, replica: str, adapter: str) -> None:
-        """Take back the residency a cold start recorded when the load failed."""
-        self._local.drop(replica, adapter)
-        key = self._resident_key(replica)
+    async def finish_load(self, route_id: str, adapter: str, ok: bool) -> None:
+        """The load the route `route_id` made of `adapter` ended: routes waiting for it go
+        on; when it failed, the residency its cold start recorded is taken back."""
+        parts = split_route_id(route_id)
+        assert parts is not None, route_id
+        replica, token = parts
+        self._local.finish_load(replica, adapter, token, ok)
+        keys = [self._loading_key(replica), self._resident_key(replica)]
+        script = self._finish
 
         async def run() -> None:
-            assert self._redis is not None
-            await self._redis.client.zrem(key, adapter)
+            assert script is not None
+            await script(keys=keys, args=[adapter, token, 1 if ok else 0])
 
-        await self._attempt("drop", run)
+        await self._attempt("finish_load", run)
+
+    async def load_state(self, replica: str, adapter: str) -> LoadState:
+        """Whether `adapter` is still loading on `replica`, is there, or is not (its load
+        failed, or it was evicted or forgotten)."""
+
+        async def run() -> LoadState:
+            assert self._redis is not None
+            async with self._redis.client.pipeline(transaction=False) as pipe:
+                pipe.hexists(self._loading_key(replica), adapter)
+                pipe.zscore(self._resident_key(replica), adapter)
+                loading, score = await pipe.execute()
+            if loading:
+                return "loading"
+            return "resident" if score is not None else "gone"
+
+        shared = await self._attempt("load_state", run)
+        return self._local.load_state(replica, adapter) if shared is None else shared
 
     async def forget(self, adapter: str, replicas: Sequence[str]) -> list[str]:
         """Drop `adapter` from every replica and from the popularity counts (its weights
@@ -436,9 +604,11 @@ class PlacementState:
             async with self._redis.client.pipeline(transaction=True) as pipe:
                 for replica in replicas:
                     pipe.zrem(self._resident_key(replica), adapter)
+                for replica in replicas:
+                    pipe.hdel(self._loading_key(replica), adapter)
                 pipe.zrem(self._popularity_key, adapter)
                 removed = await pipe.execute()
-            held = removed[: len(replicas)]  # the last reply is the popularity's
+            held = removed[: len(replicas)]  # then the loading markers' and popularity's
             return [r for r, n in zip(replicas, held, strict=True) if n]
 
         shared = await self._attempt("forget", run)
@@ -446,12 +616,12 @@ class PlacementState:
 
     async def clear(self, replica: str) -> None:
         """Forget everything resident on `replica` (it restarted and lost its adapters)."""
-        self._local.drop(replica, None)
-        key = self._resident_key(replica)
+        self._local.clear(replica)
+        keys = [self._resident_key(replica), self._loading_key(replica)]
 
         async def run() -> None:
             assert self._redis is not None
-            await self._redis.client.delete(key)
+            await self._redis.client.delete(*keys)
 
         await self._attempt("clear", run)
 

@@ -102,11 +102,12 @@ class ReplicaPool:
         replica_name: str,
         adapter: str,
         source: str,
-        on_failure: Callable[[], Awaitable[None]],
+        on_end: Callable[[bool], Awaitable[None]],
     ) -> None:
         """Make `adapter` resident on a vLLM replica (other kinds: nothing to do). The load
-        runs to its end even if the caller goes away; when it fails, `on_failure` runs and
-        the error, naming the adapter, its source and the replica, is raised."""
+        runs to its end even if the caller goes away; then `on_end` runs with whether it
+        succeeded, and a failure's error, naming the adapter, its source and the replica,
+        is raised."""
         replica = self.replicas[replica_name]
         if replica.config.kind != "vllm":
             return
@@ -115,8 +116,10 @@ class ReplicaPool:
             try:
                 await self._load(replica, adapter, source)
             except ServiceError:
-                await on_failure()
+                await on_end(False)
                 raise
+            else:
+                await on_end(True)
             finally:
                 if replica.loading.get(adapter) is asyncio.current_task():
                     del replica.loading[adapter]

@@ -160,7 +160,15 @@ class Router:
         if not ready:
             down = ", ".join(f"{r.name} ({r.url})" for r in serving)
             raise Unavailable(f"no replica that can serve this request is ready: {down}")
-        slots = [Slot(r.name, r.max_resident_adapters, tuple(r.adapters)) for r in ready]
+        slots = [
+            Slot(
+                r.name,
+                r.max_resident_adapters,
+                tuple(r.adapters),
+                r.timeout_s if r.kind == "vllm" else 0.0,
+            )
+            for r in ready
+        ]
         placement = await self._placement.place(slots, name)
         replica = next(r for r in ready if r.name == placement.replica)
         if placement.spilled:
@@ -176,21 +184,22 @@ class Router:
         self, adapter: AdapterRecord, replica: ReplicaConfig, placement: Placement
     ) -> None:
         """Have the adapter on the replica before the request goes there: load it on a cold
-        start (vLLM), or wait for a load this process has under way."""
+        start (vLLM), or wait for a load another route has under way. Evicted adapters are
+        unloaded meanwhile (no route in flight uses them there)."""
         name = adapter.name
+        unloads = [self._pool.unload(replica.name, e) for e in placement.evicted]
         try:
             if placement.loaded:
                 LOADS.labels(replica.name).inc()
                 started = time.perf_counter()
 
-                async def forget_residency() -> None:
-                    LOAD_FAILURES.labels(replica.name).inc()
-                    await self._placement.drop(replica.name, name)
+                async def settle(ok: bool) -> None:
+                    if not ok:
+                        LOAD_FAILURES.labels(replica.name).inc()
+                    await self._placement.finish_load(placement.route_id, name, ok)
 
-                unloads = (self._pool.unload(replica.name, e) for e in placement.evicted)
                 await asyncio.gather(
-                    self._pool.load(replica.name, name, adapter.spec.source, forget_residency),
-                    *unloads,
+                    self._pool.load(replica.name, name, adapter.spec.source, settle), *unloads
                 )
                 if replica.kind == "vllm":
                     LOAD_SECONDS.observe(time.perf_counter() - started)
@@ -204,11 +213,35 @@ class Router:
                     },
                 )
             else:
-                await self._pool.wait_loading(replica.name, name)
+                await asyncio.gather(self._wait_loaded(replica, name, placement), *unloads)
         except (ServiceError, asyncio.CancelledError):
             # The request will not run there: its lease ends now.
             await self._placement.release(placement.route_id)
             raise
+
+    async def _wait_loaded(self, replica: ReplicaConfig, name: str, placement: Placement) -> None:
+        """A warm route waits for a load of its adapter still under way on the replica: one
+        this process runs (whose error is this route's too) or, as Redis shows, another
+        router's, polled until it ends or the load timeout passes."""
+        await self._pool.wait_loading(replica.name, name)
+        if not placement.loading:
+            return
+        deadline = time.monotonic() + replica.timeout_s
+        pause = 0.02
+        while (state := await self._placement.load_state(replica.name, name)) == "loading":
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"adapter {name!r} is still loading on replica {replica.name!r} after "
+                    f"{replica.timeout_s:g} s (another route started the load); retry later"
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+        if state == "gone":
+            # The route that loaded it got the error; a retry loads it again.
+            raise Unavailable(
+                f"loading adapter {name!r} on replica {replica.name!r} failed in another "
+                "route; retry to load it again"
+            )
 
     async def release(self, route_id: str) -> bool:
         return await self._placement.release(route_id)
