@@ -104,6 +104,19 @@ async def test_tei_errors_map_to_status_codes(
     assert f"simulated {error_type}" in error.details()
 
 
+@pytest.mark.parametrize(("model", "path"), [("tei-model", "/embed"), ("minilm", "/api/embed")])
+async def test_an_answer_that_is_not_json_is_unavailable(
+    server: ServerProcess, tei: FakeTEI, ollama: FakeOllama, model: str, path: str
+) -> None:
+    # A proxy in front of the server answers 200 with its own page.
+    for fake in (tei, ollama):
+        fake.answer_with(path, 200, "<html>upstream maintenance</html>")
+    error = await rpc_error(server, model=model, inputs=["x"])
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "not JSON" in error.details()
+    assert "upstream maintenance" in error.details()
+
+
 async def test_client_retries_unavailable(server: ServerProcess, tei: FakeTEI) -> None:
     tei.fail_next_tei("Backend", "transient backend hiccup", times=2)
     response = await embed(server, model="tei-model", inputs=["retry me"])

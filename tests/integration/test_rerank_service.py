@@ -407,6 +407,15 @@ async def test_tei_errors_map_to_status_codes(
     assert len((await rerank(tei_server, query="q", documents=["a"])).results) == 1
 
 
+async def test_tei_answer_that_is_not_json_is_unavailable(
+    tei_server: ServerProcess, tei: FakeTEI
+) -> None:
+    tei.answer_with("/rerank", 200, "<html>upstream maintenance</html>")  # a proxy's page
+    error = await rpc_error(tei_server, query="q", documents=["a"])
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "not JSON" in error.details()
+
+
 async def test_tei_list_models(tei_server: ServerProcess) -> None:
     async with RerankClient(tei_server.target) as client:
         reply = await client.stub.ListModels(rerank_pb2.RerankServiceListModelsRequest())

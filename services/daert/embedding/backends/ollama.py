@@ -15,12 +15,12 @@ class OllamaBackend(RemoteBackend):
 
     async def _healthy(self) -> bool:
         """Reachable and the model pulled (Ollama names carry a tag, ":latest" by default)."""
-        tags = (await self.request("GET", "/api/tags")).json()
+        tags = await self.request_json("GET", "/api/tags")
         wanted = self._model if ":" in self._model else f"{self._model}:latest"
         return any(m.get("name") in (self._model, wanted) for m in tags.get("models", []))
 
     async def _max_input_tokens(self) -> int:
-        show = (await self.request("POST", "/api/show", json={"model": self._model})).json()
+        show = await self.request_json("POST", "/api/show", json={"model": self._model})
         for key, value in (show.get("model_info") or {}).items():
             if key.endswith(".context_length"):
                 return int(value)
@@ -28,7 +28,6 @@ class OllamaBackend(RemoteBackend):
 
     async def _embed(self, texts: list[str], truncate: bool) -> list[list[float]]:
         body = {"model": self._model, "input": texts, "truncate": truncate}
-        embeddings: list[list[float]] = (
-            await self.request("POST", "/api/embed", json=body)
-        ).json()["embeddings"]
+        answer = await self.request_json("POST", "/api/embed", json=body)
+        embeddings: list[list[float]] = answer["embeddings"]
         return embeddings

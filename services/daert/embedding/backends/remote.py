@@ -12,7 +12,7 @@ import numpy as np
 from daert.embedding.backends.base import Encoded, ModelInfo
 from daert.embedding.config import ModelConfig
 from daert.runtime.errors import ServiceError, Unavailable
-from daert.runtime.upstream import http_client, send
+from daert.runtime.upstream import http_client, json_body, send
 
 log = logging.getLogger("daert.embedding")
 
@@ -67,6 +67,10 @@ class RemoteBackend(ABC):
             invalid_field="inputs",
             json=json,
         )
+
+    async def request_json(self, method: str, path: str, json: Any = None) -> Any:
+        """One upstream call's JSON answer (a body that is not JSON is UNAVAILABLE)."""
+        return json_body(await self.request(method, path, json), self.label)
 
     async def embed(self, texts: list[str], truncate: bool) -> Encoded:
         if self._info is None:

@@ -16,7 +16,7 @@ class TeiBackend(RemoteBackend):
         return True
 
     async def _max_input_tokens(self) -> int:
-        info = (await self.request("GET", "/info")).json()
+        info = await self.request_json("GET", "/info")
         self._max_client_batch_size = int(info.get("max_client_batch_size") or 32)
         return int(info.get("max_input_length") or 0)
 
@@ -26,5 +26,5 @@ class TeiBackend(RemoteBackend):
         step = self._max_client_batch_size
         for start in range(0, len(texts), step):
             body = {"inputs": texts[start : start + step], "normalize": False, "truncate": truncate}
-            vectors.extend((await self.request("POST", "/embed", json=body)).json())
+            vectors.extend(await self.request_json("POST", "/embed", json=body))
         return vectors

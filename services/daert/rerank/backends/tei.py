@@ -17,7 +17,7 @@ import httpx
 from daert.rerank.backends.base import ModelInfo, Scored
 from daert.rerank.config import ModelConfig
 from daert.runtime.errors import ServiceError, Unavailable
-from daert.runtime.upstream import http_client, send
+from daert.runtime.upstream import http_client, json_body, send
 
 log = logging.getLogger("daert.rerank")
 
@@ -46,7 +46,7 @@ class TeiBackend:
         try:
             await self._request("GET", "/health")  # 503 while TEI is still loading
             if self._info is None:
-                info = (await self._request("GET", "/info")).json()
+                info = json_body(await self._request("GET", "/info"), LABEL)
                 if "reranker" not in (info.get("model_type") or {}):
                     log.warning(
                         "TEI at %s serves %s, not a reranker", self._url, info.get("model_type")
@@ -100,7 +100,7 @@ class TeiBackend:
         }
         response = await self._request("POST", "/rerank", json=body)
         scores: dict[int, float] = {}
-        for rank in response.json():
+        for rank in json_body(response, LABEL):
             scores[int(rank["index"])] = float(rank["score"])
         if sorted(scores) != list(range(len(texts))):
             raise Unavailable(f"{LABEL} ranked indexes {sorted(scores)} for {len(texts)} texts")
