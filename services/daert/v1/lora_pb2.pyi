@@ -136,7 +136,8 @@ class Adapter(_message.Message):
     @_builtins.property
     def examples(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Example requests the adapter is good at; embedded for "auto" routing.
-        An adapter without examples is never chosen semantically.
+        An adapter with neither examples nor a description is never chosen
+        semantically.
         """
 
     @_builtins.property

@@ -34,8 +34,8 @@ class LoraRouterServiceStub(object):
     Routing for RouteRequest.adapter:
     a name  the registered adapter (EXPLICIT); NOT_FOUND when unknown,
     PERMISSION_DENIED when the tenant may not use it.
-    "auto"  the adapter whose examples are most similar to the
-    conversation (SEMANTIC) when the score reaches the threshold;
+    "auto"  the adapter whose examples or description are most similar
+    to the conversation (SEMANTIC) when the score reaches the threshold;
     else the tenant default (TENANT_DEFAULT); else the base model.
     ""      the tenant default (TENANT_DEFAULT); else the base model.
     "base"  the base model, ignoring any tenant default.
@@ -105,8 +105,8 @@ class LoraRouterServiceServicer(object):
     Routing for RouteRequest.adapter:
     a name  the registered adapter (EXPLICIT); NOT_FOUND when unknown,
     PERMISSION_DENIED when the tenant may not use it.
-    "auto"  the adapter whose examples are most similar to the
-    conversation (SEMANTIC) when the score reaches the threshold;
+    "auto"  the adapter whose examples or description are most similar
+    to the conversation (SEMANTIC) when the score reaches the threshold;
     else the tenant default (TENANT_DEFAULT); else the base model.
     ""      the tenant default (TENANT_DEFAULT); else the base model.
     "base"  the base model, ignoring any tenant default.
@@ -243,8 +243,8 @@ class LoraRouterService(object):
     Routing for RouteRequest.adapter:
     a name  the registered adapter (EXPLICIT); NOT_FOUND when unknown,
     PERMISSION_DENIED when the tenant may not use it.
-    "auto"  the adapter whose examples are most similar to the
-    conversation (SEMANTIC) when the score reaches the threshold;
+    "auto"  the adapter whose examples or description are most similar
+    to the conversation (SEMANTIC) when the score reaches the threshold;
     else the tenant default (TENANT_DEFAULT); else the base model.
     ""      the tenant default (TENANT_DEFAULT); else the base model.
     "base"  the base model, ignoring any tenant default.

@@ -35,8 +35,8 @@ class LoraRouterServiceStub:
     Routing for RouteRequest.adapter:
       a name  the registered adapter (EXPLICIT); NOT_FOUND when unknown,
               PERMISSION_DENIED when the tenant may not use it.
-      "auto"  the adapter whose examples are most similar to the
-              conversation (SEMANTIC) when the score reaches the threshold;
+      "auto"  the adapter whose examples or description are most similar
+              to the conversation (SEMANTIC) when the score reaches the threshold;
               else the tenant default (TENANT_DEFAULT); else the base model.
       ""      the tenant default (TENANT_DEFAULT); else the base model.
       "base"  the base model, ignoring any tenant default.
@@ -79,8 +79,8 @@ class LoraRouterServiceAsyncStub(LoraRouterServiceStub):
     Routing for RouteRequest.adapter:
       a name  the registered adapter (EXPLICIT); NOT_FOUND when unknown,
               PERMISSION_DENIED when the tenant may not use it.
-      "auto"  the adapter whose examples are most similar to the
-              conversation (SEMANTIC) when the score reaches the threshold;
+      "auto"  the adapter whose examples or description are most similar
+              to the conversation (SEMANTIC) when the score reaches the threshold;
               else the tenant default (TENANT_DEFAULT); else the base model.
       ""      the tenant default (TENANT_DEFAULT); else the base model.
       "base"  the base model, ignoring any tenant default.
@@ -119,8 +119,8 @@ class LoraRouterServiceServicer(metaclass=_abc_1.ABCMeta):
     Routing for RouteRequest.adapter:
       a name  the registered adapter (EXPLICIT); NOT_FOUND when unknown,
               PERMISSION_DENIED when the tenant may not use it.
-      "auto"  the adapter whose examples are most similar to the
-              conversation (SEMANTIC) when the score reaches the threshold;
+      "auto"  the adapter whose examples or description are most similar
+              to the conversation (SEMANTIC) when the score reaches the threshold;
               else the tenant default (TENANT_DEFAULT); else the base model.
       ""      the tenant default (TENANT_DEFAULT); else the base model.
       "base"  the base model, ignoring any tenant default.
