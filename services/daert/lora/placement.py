@@ -592,27 +592,21 @@ class PlacementState:
         shared = await self._attempt("load_state", run)
         return self._local.load_state(replica, adapter) if shared is None else shared
 
-    async def forget(self, adapter: str, replicas: Sequence[str]) -> list[str]:
+    async def forget(self, adapter: str, replicas: Sequence[str]) -> None:
         """Drop `adapter` from every replica and from the popularity counts (its weights
-        changed, or it was deleted); returns the replicas that held it."""
-        now = self._clock()
-        held = [r for r in replicas if adapter in self._local.state(r, now).resident]
+        changed, or it was deleted)."""
         self._local.forget(adapter)
 
-        async def run() -> list[str]:
+        async def run() -> None:
             assert self._redis is not None
             async with self._redis.client.pipeline(transaction=True) as pipe:
                 for replica in replicas:
                     pipe.zrem(self._resident_key(replica), adapter)
-                for replica in replicas:
                     pipe.hdel(self._loading_key(replica), adapter)
                 pipe.zrem(self._popularity_key, adapter)
-                removed = await pipe.execute()
-            held = removed[: len(replicas)]  # then the loading markers' and popularity's
-            return [r for r, n in zip(replicas, held, strict=True) if n]
+                await pipe.execute()
 
-        shared = await self._attempt("forget", run)
-        return held if shared is None else list(shared)
+        await self._attempt("forget", run)
 
     async def clear(self, replica: str) -> None:
         """Forget everything resident on `replica` (it restarted and lost its adapters)."""

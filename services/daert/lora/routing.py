@@ -248,7 +248,13 @@ class Router:
 
     async def forget(self, adapter: AdapterRecord) -> None:
         """An adapter was deleted or its weights replaced: no replica holds the old ones
-        any more (vLLM replicas unload them, best effort)."""
+        any more (vLLM replicas unload them at once, best effort)."""
         self._semantic.forget(adapter.name)
-        held = await self._placement.forget(adapter.name, list(self._pool.replicas))
-        await asyncio.gather(*(self._pool.unload(r, adapter.name) for r in held))
+        await self._placement.forget(adapter.name, list(self._pool.replicas))
+        # Every vLLM replica of its base model, not only those it is resident on: one whose
+        # unload of it failed after an eviction still serves it, and would take a load of
+        # new weights under the same name as "already loaded".
+        serving = [
+            r.name for r in self._settings.replicas if r.base_model == adapter.spec.base_model
+        ]
+        await asyncio.gather(*(self._pool.unload(r, adapter.name) for r in serving))
