@@ -30,7 +30,7 @@ from daert.v1 import common_pb2, lora_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import make_conninfo
 
-from tests.fakes import FakeOpenAI
+from tests.fakes import FakeOpenAI, RecordedRequest
 from tests.helpers import free_port
 
 BASE = "llama-3.1-8b"
@@ -566,13 +566,15 @@ async def test_vllm_replica_loads_once_and_unloads_what_was_evicted(
                     {"lora_name": "v-a", "lora_path": "/adapters/v-a"}
                 ]
                 assert (await route(client, "v-b")).loaded
-                for reply in cold:  # v-a's requests end, so it may be evicted
+                evicting = await route(client, "v-c")
+                assert evicting.loaded and evicting.replica.kind == lora_pb2.REPLICA_KIND_VLLM
+                # v-a is evicted, but unloaded only once its routes end.
+                assert vllm.requests_to("/v1/unload_lora_adapter") == []
+                for reply in cold:
                     await client.stub.ReleaseRoute(
                         lora_pb2.ReleaseRouteRequest(route_id=reply.route_id)
                     )
-                evicting = await route(client, "v-c")
-                assert evicting.loaded and evicting.replica.kind == lora_pb2.REPLICA_KIND_VLLM
-                unloads = vllm.requests_to("/v1/unload_lora_adapter")
+                unloads = await unloads_of(vllm, 1)
                 assert [r.json for r in unloads] == [{"lora_name": "v-a"}]
                 # The replica's own memory matches the router's LRU.
                 assert vllm.loaded_adapters == ["v-b", "v-c"]
@@ -598,7 +600,17 @@ async def test_vllm_replica_loads_once_and_unloads_what_was_evicted(
             assert metric(server, "daert_lora_adapter_loads_total", replica="vllm-0") == 4
 
 
-async def test_an_adapter_with_routes_in_flight_is_not_unloaded(
+async def unloads_of(vllm: FakeOpenAI, count: int, within_s: float = 3.0) -> list[RecordedRequest]:
+    """The fake's unload requests once there are `count` (an evicted adapter's unload runs
+    in the background), failing after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while len(unloads := vllm.requests_to("/v1/unload_lora_adapter")) < count:
+        assert time.monotonic() < deadline, f"{len(unloads)} unloads, not {count}"
+        await asyncio.sleep(0.05)
+    return unloads
+
+
+async def test_an_evicted_adapter_is_unloaded_once_its_routes_end(
     lora_dsn: str, redis_server: EmbeddedRedis
 ) -> None:
     with FakeOpenAI(models=[BASE], enable_lora=True) as vllm:
@@ -606,24 +618,77 @@ async def test_an_adapter_with_routes_in_flight_is_not_unloaded(
         env = router_env(lora_dsn, replicas_, redis_server, popularity_half_life=0)
         with running(env) as server:
             async with LoraRouterClient(server.target, max_attempts=1) as client:
-                for name in ("use-a", "use-b", "use-c"):
+                for name in ("use-x", "use-y"):
                     await register(client, name)
-                running_a = await route(client, "use-a")  # its request is still running
-                running_b = await route(client, "use-b")
-                # The only slot's adapter is in use: the replica takes one more instead.
-                assert running_b.loaded and vllm.requests_to("/v1/unload_lora_adapter") == []
-                assert vllm.loaded_adapters == ["use-a", "use-b"]
-                for reply in (running_a, running_b):
+                x = await route(client, "use-x")  # its request has not reached vLLM yet
+                y = await route(client, "use-y")
+                assert y.loaded and y.replica.name == "vllm-u"
+                assert list((await replicas(client))["vllm-u"].resident_adapters) == ["use-y"]
+                # Evicted, but unloading it now would fail x's request: vLLM keeps serving it.
+                await asyncio.sleep(1.5)  # the unload polls 5 times meanwhile
+                assert vllm.requests_to("/v1/unload_lora_adapter") == []
+                assert vllm.loaded_adapters == ["use-x", "use-y"]
+                await client.stub.ReleaseRoute(lora_pb2.ReleaseRouteRequest(route_id=x.route_id))
+                released = time.monotonic()
+                unloads = await unloads_of(vllm, 1)
+                assert time.monotonic() - released < 2.0  # polled at most 1 s apart
+                assert [r.json for r in unloads] == [{"lora_name": "use-x"}]
+                assert vllm.loaded_adapters == ["use-y"]
+            labels = {"replica": "vllm-u", "outcome": "unloaded"}
+            assert metric(server, "daert_lora_adapter_unloads_total", **labels) == 1
+
+
+async def test_an_evicted_adapter_routed_back_before_its_unload_stays_loaded(
+    lora_dsn: str, redis_server: EmbeddedRedis
+) -> None:
+    with FakeOpenAI(models=[BASE], enable_lora=True) as vllm:
+        replicas_ = [replica("vllm-r", vllm, kind="vllm", max_resident_adapters=1)]
+        env = router_env(lora_dsn, replicas_, redis_server, popularity_half_life=0)
+        with running(env) as server:
+            async with LoraRouterClient(server.target, max_attempts=1) as client:
+                for name in ("back-x", "back-y"):
+                    await register(client, name)
+                routed = [await route(client, "back-x"), await route(client, "back-y")]
+                # x comes back cold while its first route is in flight: it evicts y, and
+                # vLLM, still serving x, answers the load as already done.
+                again = await route(client, "back-x")
+                assert again.loaded and again.replica.name == "vllm-r"
+                assert vllm.requests_to("/v1/unload_lora_adapter") == []
+                for reply in [*routed, again]:
                     await client.stub.ReleaseRoute(
                         lora_pb2.ReleaseRouteRequest(route_id=reply.route_id)
                     )
-                # Both idle now: the next cold start there evicts down to the one slot.
-                assert (await route(client, "use-c")).loaded
+                assert [r.json for r in await unloads_of(vllm, 1)] == [{"lora_name": "back-y"}]
+                await asyncio.sleep(1.5)  # x's waiting unload has seen it resident again
+                assert len(vllm.requests_to("/v1/unload_lora_adapter")) == 1
+                assert vllm.loaded_adapters == ["back-x"]
+                assert list((await replicas(client))["vllm-r"].resident_adapters) == ["back-x"]
+            labels = {"replica": "vllm-r", "outcome": "resident_again"}
+            assert metric(server, "daert_lora_adapter_unloads_total", **labels) == 1
+
+
+async def test_a_replaced_adapter_waiting_for_its_unload_is_unloaded_at_once(
+    lora_dsn: str, redis_server: EmbeddedRedis
+) -> None:
+    with FakeOpenAI(models=[BASE], enable_lora=True) as vllm:
+        replicas_ = [replica("vllm-n", vllm, kind="vllm", max_resident_adapters=1)]
+        env = router_env(lora_dsn, replicas_, redis_server, popularity_half_life=0)
+        with running(env) as server:
+            async with LoraRouterClient(server.target, max_attempts=1) as client:
+                for name in ("new-x", "new-y"):
+                    await register(client, name)
+                await route(client, "new-x")  # in flight: x's unload waits for it
+                await route(client, "new-y")
+                await client.stub.RegisterAdapter(
+                    lora_pb2.RegisterAdapterRequest(
+                        adapter=adapter("new-x", source="/adapters/new-x-2"), replace=True
+                    )
+                )
+                # Not resident in the placement, but vLLM still has the old weights.
                 unloads = vllm.requests_to("/v1/unload_lora_adapter")
-                assert sorted(r.json["lora_name"] for r in unloads) == ["use-a", "use-b"]
-                assert vllm.loaded_adapters == ["use-c"]
-                state = (await replicas(client))["vllm-u"]
-                assert list(state.resident_adapters) == ["use-c"]
+                assert [r.json for r in unloads] == [{"lora_name": "new-x"}]
+                assert (await route(client, "new-x")).loaded
+                assert vllm.lora_paths["new-x"] == "/adapters/new-x-2"
 
 
 async def test_vllm_load_failures_are_clear_errors(

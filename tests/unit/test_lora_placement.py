@@ -42,15 +42,6 @@ async def place_all(state: PlacementState, slots: list[Slot], adapters: str) -> 
     return [await state.place(slots, adapter) for adapter in adapters.split()]
 
 
-async def finished(state: PlacementState, slots: list[Slot], adapters: str) -> list[Placement]:
-    """Routes that each end before the next: nothing stays in use."""
-    placed = []
-    for adapter in adapters.split():
-        placed.append(await state.place(slots, adapter))
-        await state.release(placed[-1].route_id)
-    return placed
-
-
 async def test_affinity_second_route_goes_where_the_adapter_is() -> None:
     state = local()
     slots = [Slot("r0", 4), Slot("r1", 4)]
@@ -71,9 +62,12 @@ async def test_cold_start_prefers_a_free_slot_then_the_less_loaded() -> None:
 async def test_cold_start_evicts_the_cheapest_victim_within_the_margin() -> None:
     state = local(LRU)  # spill_margin 2
     slots = [Slot("r0", 1), Slot("r1", 1)]
-    await finished(state, slots, "a b")  # "a" on r0, then "b" on r1
-    assert (await state.place(slots, "")).replica == "r0"  # stays in flight
-    # r0 is busier (1 vs 0) but within the margin, and its "a" is older than r1's "b".
+    await state.place(slots, "a")  # r0, stays in flight
+    b = await state.place(slots, "b")  # r1, the less loaded
+    assert b.replica == "r1"
+    await state.release(b.route_id)
+    # r0 is busier (1 vs 0) but within the margin, and its "a" is older than r1's "b": in
+    # use or not, it goes.
     c = await state.place(slots, "c")
     assert (c.replica, c.evicted) == ("r0", ("a",))
     far = local(Policy(spill_factor=2.0, spill_margin=0, popularity_half_life=0, lease_s=60))
@@ -85,7 +79,7 @@ async def test_cold_start_evicts_the_cheapest_victim_within_the_margin() -> None
 async def test_lru_evicts_the_least_recently_used_and_lists_mru_first() -> None:
     state = local(LRU)
     slots = [Slot("r0", 3)]
-    placed = await finished(state, slots, "a b c a d")
+    placed = await place_all(state, slots, "a b c a d")
     assert placed[-1].evicted == ("b",)
     assert (await state.states(["r0"]))["r0"].resident == ["d", "a", "c"]
 
@@ -93,7 +87,7 @@ async def test_lru_evicts_the_least_recently_used_and_lists_mru_first() -> None:
 async def test_popularity_protects_an_adapter_used_often() -> None:
     state = local(LRFU)
     slots = [Slot("r0", 2)]
-    placed = await finished(state, slots, "hot hot hot rare1 rare2")
+    placed = await place_all(state, slots, "hot hot hot rare1 rare2")
     # LRU would evict "hot" (used before rare1); by popularity the one-off goes.
     assert placed[-1].evicted == ("rare1",)
     assert (await state.states(["r0"]))["r0"].resident == ["rare2", "hot"]
@@ -160,29 +154,16 @@ async def test_forget_and_clear_drop_residency() -> None:
     assert states["r0"].resident == [] and states["r1"].resident == []
 
 
-async def test_adapters_in_use_are_never_evicted() -> None:
-    state = local(LRU)
-    slots = [Slot("r0", 1)]
-    a = await state.place(slots, "a")  # stays in flight
-    b = await state.place(slots, "b")
-    # The only slot's adapter is in use: "b" goes beyond the capacity instead.
-    assert b.loaded and b.evicted == ()
-    assert (await state.states(["r0"]))["r0"].resident == ["b", "a"]
-    await state.release(a.route_id)
-    await state.release(b.route_id)
-    # The next route there evicts down to the capacity.
-    assert (await state.place(slots, "c")).evicted == ("a", "b")
-
-
-async def test_a_cold_start_leaves_the_margin_for_a_replica_with_an_adapter_not_in_use() -> None:
+async def test_a_cold_start_within_the_margin_evicts_an_adapter_in_use() -> None:
     state = local(LRU)  # spill_margin 2
     r0, r1 = Slot("r0", 1), Slot("r1", 1)
     await state.place([r0], "a")  # in flight on r0
-    await finished(state, [r1], "b")
+    await state.release((await state.place([r1], "b")).route_id)
     for _ in range(4):
         await state.place([r1], "")  # r1: 4 in flight, beyond the margin of r0's 1
+    # Leases do not protect "a": its unload waits for them instead (evicted_state).
     c = await state.place([r0, r1], "c")
-    assert (c.replica, c.evicted) == ("r1", ("b",))
+    assert (c.replica, c.evicted) == ("r0", ("a",))
 
 
 @pytest.fixture(params=["local", "redis"])
@@ -230,6 +211,31 @@ async def test_routes_wait_for_a_load_under_way_until_it_ends_or_its_deadline(
     assert not (await state.place(lorax, "d")).loading
 
 
+async def test_an_evicted_adapter_is_idle_once_no_lease_names_it(
+    shared_or_local: tuple[PlacementState, Clock],
+) -> None:
+    state, clock = shared_or_local
+    slots = [Slot("r0", 1)]
+    first, second = await place_all(state, slots, "a a")
+    assert (await state.place(slots, "b")).evicted == ("a",)  # in use, evicted all the same
+    assert (await state.states(["r0"]))["r0"].resident == ["b"]
+    assert await state.evicted_state("r0", "a") == "in_use"
+    await state.release(first.route_id)
+    assert await state.evicted_state("r0", "a") == "in_use"
+    await state.release(second.route_id)
+    assert await state.evicted_state("r0", "a") == "idle"
+
+    assert (await state.place(slots, "c")).evicted == ("b",)  # b's route never released
+    assert await state.evicted_state("r0", "b") == "in_use"
+    clock.now += LRU.lease_s  # its lease expires
+    assert await state.evicted_state("r0", "b") == "idle"
+
+    # A cold start brings "a" back before its unload: it is not to be unloaded at all.
+    assert (await state.place(slots, "a")).evicted == ("c",)
+    assert await state.evicted_state("r0", "a") == "resident"
+    assert await state.evicted_state("r1", "a") == "idle"  # never there
+
+
 PARITY_POLICIES = [
     Policy(spill_factor=1.0, spill_margin=1, popularity_half_life=0, lease_s=60.0),
     Policy(spill_factor=1.0, spill_margin=1, popularity_half_life=20, lease_s=60.0),
@@ -241,18 +247,19 @@ async def test_redis_script_decides_exactly_as_the_local_rule(
     redis_state: RedisState, policy: Policy
 ) -> None:
     """Random routes, releases, load ends and expiries on both, with fewer slots than
-    adapters: every decision and state must match, evictions and spills included."""
+    adapters: every decision and state must match, evictions (of adapters in use too),
+    spills and what may be unloaded included."""
     clock = Clock()
     prefix = f"parity-{uuid.uuid4().hex}:"
     shared = PlacementState(redis_state, policy, key_prefix=prefix, clock=clock)
     alone = local(policy, clock)
-    slots = [Slot("r0", 1), Slot("r1", 2, load_s=2.0), Slot("r2", 1)]
+    slots = [Slot("r0", 1), Slot("r1", 3, load_s=2.0), Slot("r2", 1)]
     tgi = Slot("tgi", 2, pinned=("a1", "a2"))
     names = [s.name for s in [*slots, tgi]]
     rng = random.Random(5)
     in_flight: list[tuple[str, str]] = []
     loads: list[tuple[str, str, str]] = []  # (adapter, route ids) of loads under way on r1
-    seen = {"evictions": 0, "spills": 0, "waits": 0, "beyond capacity": 0}
+    seen = {"evictions": 0, "spills": 0, "waits": 0, "evicted in use": 0, "evicted idle": 0}
     for step in range(600):
         clock.now += rng.choice([0.0, 0.001, 0.5, 5.0])
         if in_flight and rng.random() < 0.5:
@@ -280,8 +287,15 @@ async def test_redis_script_decides_exactly_as_the_local_rule(
         seen["evictions"] += len(got.evicted)
         seen["spills"] += got.spilled
         seen["waits"] += got.loading
-        seen["beyond capacity"] += any(len(states[s.name].resident) > s.capacity for s in slots)
-        for s in slots:
+        for evicted in got.evicted:
+            unload = await shared.evicted_state(got.replica, evicted)
+            assert unload == await alone.evicted_state(expected.replica, evicted), step
+            seen["evicted in use"] += unload == "in_use"
+            seen["evicted idle"] += unload == "idle"
+        for s in slots if adapter else ():
+            assert await shared.evicted_state(s.name, adapter) == await alone.evicted_state(
+                s.name, adapter
+            ), step
             assert await shared.load_state(s.name, adapter) == await alone.load_state(
                 s.name, adapter
             ), step

@@ -1,7 +1,8 @@
 """vLLM adapter loads and unloads as the router makes them: one load shared by the routes
 that arrive while it runs, vLLM's answers mapped to clear errors, unloads that never fail a
-request. The replica's HTTP API is an httpx mock answering as vLLM's serving_models.py does
-(the integration tests use the full vLLM fake)."""
+request and, for evicted adapters, wait until no route uses them. The replica's HTTP API is
+an httpx mock answering as vLLM's serving_models.py does (the integration tests use the full
+vLLM fake)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Any
 import httpx
 import pytest
 from daert.lora.config import ReplicaConfig
+from daert.lora.placement import EvictedState
 from daert.lora.replicas import ReplicaPool
 from daert.runtime.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from prometheus_client import REGISTRY
 
 Handler = Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
 
@@ -183,3 +186,78 @@ async def test_a_replica_that_answers_again_after_failing_is_reported_restarted(
     for _ in range(3):
         await pool.probe_all()
     assert restarted == ["v0"] and pool.get("v0").ready is True
+
+
+class States:
+    """An `evicted_state` answering from a script, then its last answer; counts the calls."""
+
+    def __init__(self, *answers: EvictedState) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    async def __call__(self) -> EvictedState:
+        self.calls += 1
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+def unloads(outcome: str) -> float:
+    labels = {"replica": "v0", "outcome": outcome}
+    return REGISTRY.get_sample_value("daert_lora_adapter_unloads_total", labels) or 0.0
+
+
+async def test_an_evicted_adapter_is_unloaded_once_idle_and_not_if_resident_again() -> None:
+    calls: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(json.loads(request.content)["lora_name"])
+        return httpx.Response(200, text="Success")
+
+    pool, _ = pool_with(handler)
+    busy = States("in_use", "in_use", "idle")
+    pool.unload_when_idle("v0", "a", busy, patience_s=5.0)
+    pool.unload_when_idle("v0", "a", States("idle"), patience_s=5.0)  # one at a time
+    await asyncio.sleep(0.01)
+    assert calls == [] and "a" in pool.get("v0").unloading
+    await asyncio.sleep(0.3)  # polled after 50 ms, then 100 ms
+    assert (calls, busy.calls) == (["a"], 3) and pool.get("v0").unloading == {}
+
+    before = unloads("resident_again")
+    pool.unload_when_idle("v0", "b", States("in_use", "resident"), patience_s=5.0)
+    await asyncio.sleep(0.2)
+    assert calls == ["a"] and unloads("resident_again") == before + 1
+
+    lorax, _ = pool_with(handler, kind="lorax")
+    lorax.unload_when_idle("v0", "c", States("idle"), patience_s=5.0)
+    assert lorax.get("v0").unloading == {}
+
+
+async def test_an_unload_waits_at_most_its_patience_and_a_later_eviction_extends_it() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("still in use: never unloaded")
+
+    pool, _ = pool_with(handler)
+    before = unloads("gave_up")
+    pool.unload_when_idle("v0", "a", States("in_use"), patience_s=0.2)
+    await asyncio.sleep(0.15)
+    pool.unload_when_idle("v0", "a", States("in_use"), patience_s=0.2)  # evicted again
+    await asyncio.sleep(0.15)
+    assert "a" in pool.get("v0").unloading  # 0.3 s after the first eviction
+    await asyncio.sleep(0.6)  # polled at 0.35 s or, just before its deadline, 0.75 s
+    assert pool.get("v0").unloading == {} and unloads("gave_up") == before + 1
+
+
+async def test_an_unload_now_or_close_ends_the_waiting_ones() -> None:
+    calls: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(json.loads(request.content)["lora_name"])
+        return httpx.Response(200, text="Success")
+
+    pool, _ = pool_with(handler)
+    pool.unload_when_idle("v0", "a", States("in_use"), patience_s=60.0)
+    pool.unload_when_idle("v0", "b", States("in_use"), patience_s=60.0)
+    waiting = pool.get("v0").unloading["b"][0]
+    await pool.unload("v0", "a")  # forgotten: unloaded at once
+    assert calls == ["a"] and list(pool.get("v0").unloading) == ["b"]
+    await pool.close()
+    assert waiting.cancelled() and pool.get("v0").unloading == {} and calls == ["a"]

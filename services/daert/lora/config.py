@@ -40,7 +40,7 @@ class ReplicaConfig(BaseModel):
         le=4096,
         description="Most adapters the replica keeps loaded at once (vLLM: --max-cpu-loras, "
         "LoRAX: --max-active-adapters); beyond it the router evicts the least popular adapter "
-        "that no route in flight uses there.",
+        "(vLLM: unloaded once no route in flight there uses it).",
     )
     adapters: list[str] = Field(
         default_factory=list,

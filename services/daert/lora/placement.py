@@ -6,8 +6,7 @@ recently used first), the routes in flight there, each a lease that ends at Rele
 at its expiry and names its adapter, and the adapters a route is loading there (vLLM), each
 with the deadline of its load; across replicas, each adapter's popularity, a count of its
 routes decayed with a half-life counted in routes (LRFU: half-life 0 makes it its last use,
-i.e. plain LRU). "Load" is a replica's count of unexpired leases; an adapter "in use" on a
-replica has a lease there.
+i.e. plain LRU). "Load" is a replica's count of unexpired leases.
 
 The rule, over the replicas that serve the request's base model:
   1. Base model (no adapter): the least loaded replica.
@@ -15,17 +14,21 @@ The rule, over the replicas that serve the request's base model:
      load exceeds `spill_factor` x the mean load + `spill_margin`. Then the request spills
      to step 3, and the adapter becomes resident on a second replica.
   3. Cold start: among the replicas whose load is within `spill_margin` of the least loaded,
-     one with a free slot, else the one whose least popular resident adapter not in use is
-     the least popular of all (then the less loaded). The adapter is loaded there and, beyond
-     the replica's capacity, its least popular adapters not in use are evicted. Choosing the
-     victim across replicas keeps the churn of rarely used adapters in few slots. When every
-     adapter on those replicas is in use, any replica with a free slot or a victim will do;
-     when none has, the least loaded takes the adapter beyond its capacity, and the next
-     route there evicts down to capacity what is no longer in use.
+     one with a free slot, else the one whose least popular resident adapter is the least
+     popular of all (then the less loaded). The adapter is loaded there and, beyond the
+     replica's capacity, its least popular adapter is evicted. Choosing the victim across
+     replicas keeps the churn of rarely used adapters in few slots.
 Remaining ties go to the first replica in configuration order. Why popularity rather than
 recency for evictions: one-off requests for rare adapters then replace each other instead of
 pushing out adapters that are used all the time (bench/lora_router_bench.py measures both).
-An adapter in use is never evicted, as unloading it would fail its requests in flight.
+
+Leases play no part in choosing a victim: an adapter in use may be evicted. Where the router
+unloads evicted adapters (vLLM), it waits until `evicted_state` says no lease on the replica
+names the adapter any more: vLLM's unload only drops the name from the adapters it serves, so
+requests already sent finish, but a route decided and not yet sent would fail. Meanwhile vLLM
+serves more adapters than the slot's capacity, which costs it nothing: that list is unbounded
+and the engine picks the weights on the GPU by its own LRU. If a cold start brings the
+adapter back first, it is not unloaded at all.
 
 A cold start on a replica whose adapters the router loads (vLLM) marks the adapter loading
 there until the route that loads it reports the end (`finish_load`: a failure also takes the
@@ -46,7 +49,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from daert.runtime.redis_state import RedisState
 
@@ -55,6 +58,10 @@ ROUTE_ID_SEPARATOR = "/"
 
 # An adapter on a replica: its load is under way, it is there, or it is not (its load failed).
 LoadState = Literal["loading", "resident", "gone"]
+
+# An adapter evicted from a replica: unload it (no lease there names it), wait (one does),
+# or keep it (a cold start made it resident there again).
+EvictedState = Literal["idle", "in_use", "resident"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,7 @@ class Placement:
     loaded: bool  # the adapter was not resident: a cold start on `replica`
     spilled: bool  # a replica held the adapter but was overloaded
     in_flight: int  # on `replica`, this route included
-    evicted: tuple[str, ...] = ()  # adapters no longer in use pushed out of `replica`
+    evicted: tuple[str, ...] = ()  # adapters the cold start pushed out of `replica`
     # Resident, but another route's load of it there has not ended: wait for it.
     loading: bool = False
 
@@ -123,6 +130,17 @@ def bump_popularity(old: float | None, use: int, decay: float) -> float:
     return high + math.log(1 + math.exp(-abs(old - score)))
 
 
+# Drops a replica's expired leases from its lease zset (token -> expiry) and lease hash
+# (token -> adapter); both scripts that read leases start with it.
+_PURGE_EXPIRED_LUA = """
+local function purge_expired(leases_key, owners_key, now)
+  for _, expired in ipairs(redis.call('ZRANGEBYSCORE', leases_key, '-inf', now)) do
+    redis.call('HDEL', owners_key, expired)
+  end
+  redis.call('ZREMRANGEBYSCORE', leases_key, '-inf', now)
+end
+"""
+
 # KEYS: per candidate (n each): its resident zset, lease zset (token -> expiry), lease hash
 #       (token -> adapter) and loading hash (adapter -> "<deadline> <loader's token>"); then
 #       the use counter and the popularity zset.
@@ -130,7 +148,9 @@ def bump_popularity(old: float | None, use: int, decay: float) -> float:
 #       decay, then per candidate its capacity, 1 if the adapter is pinned there else 0, and
 #       its load_ms (0: the router loads nothing there).
 # Mirrors LocalPlacement.place step for step; tests check that the two agree.
-_PLACE_LUA = """
+_PLACE_LUA = (
+    _PURGE_EXPIRED_LUA
+    + """
 local n = (#KEYS - 2) / 4
 local uses_key, popularity_key = KEYS[4 * n + 1], KEYS[4 * n + 2]
 local adapter, now, lease, token = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
@@ -157,23 +177,12 @@ if adapter ~= '' then
   redis.call('ZADD', popularity_key, score, adapter)
 end
 
--- The adapters with a lease on replica i (expired leases are purged first).
-local in_use = {}
-local function used(i, member)
-  if in_use[i] == nil then
-    in_use[i] = {}
-    for _, name in ipairs(redis.call('HVALS', owners_key(i))) do in_use[i][name] = true end
-  end
-  return in_use[i][member] == true
-end
-
--- The resident adapter of replica i, other than the one being placed and not in use, of
--- lowest popularity (the least recently used among equals), and its popularity; nil when
--- there is none.
+-- The resident adapter of replica i, other than the one being placed, of lowest
+-- popularity (the least recently used among equals), and its popularity.
 local function victim(i)
   local best, best_score = nil, nil
   for _, member in ipairs(redis.call('ZRANGE', resident_key(i), 0, -1)) do
-    if member ~= adapter and not used(i, member) then
+    if member ~= adapter then
       local s = tonumber(redis.call('ZSCORE', popularity_key, member)) or -math.huge
       if best_score == nil or s < best_score then best, best_score = member, s end
     end
@@ -183,10 +192,7 @@ end
 
 local loads, holds, total, min_load = {}, {}, 0, nil
 for i = 1, n do
-  for _, expired in ipairs(redis.call('ZRANGEBYSCORE', leases_key(i), '-inf', now)) do
-    redis.call('HDEL', owners_key(i), expired)
-  end
-  redis.call('ZREMRANGEBYSCORE', leases_key(i), '-inf', now)
+  purge_expired(leases_key(i), owners_key(i), now)
   loads[i] = redis.call('ZCARD', leases_key(i))
   total = total + loads[i]
   if min_load == nil or loads[i] < min_load then min_load = loads[i] end
@@ -205,30 +211,20 @@ elseif adapter == '' then
     if loads[i] == min_load then choice = i break end
   end
 else
-  -- A free slot is worth -inf, a victim its popularity, a replica full of adapters in use +inf.
-  local values = {}
-  local function value(i)
-    if values[i] == nil then
-      values[i] = -math.huge
+  local best_value = nil
+  for i = 1, n do
+    if loads[i] <= min_load + margin then
+      local value = -math.huge
       if redis.call('ZCARD', resident_key(i)) >= capacity(i) then
-        local found, s = victim(i)
-        values[i] = found and s or math.huge
+        local _, s = victim(i)
+        value = s
+      end
+      if best_value == nil or value < best_value
+          or (value == best_value and loads[i] < loads[choice]) then
+        choice, best_value = i, value
       end
     end
-    return values[i]
   end
-  local function best_within(limit)
-    local best = nil
-    for i = 1, n do
-      if loads[i] <= limit and (best == nil or value(i) < value(best)
-          or (value(i) == value(best) and loads[i] < loads[best])) then
-        best = i
-      end
-    end
-    return best
-  end
-  choice = best_within(min_load + margin)
-  if value(choice) == math.huge then choice = best_within(math.huge) end
 end
 
 redis.call('ZADD', leases_key(choice), now + lease, token)
@@ -238,7 +234,6 @@ if adapter ~= '' and not pinned(choice) then
   redis.call('ZADD', resident_key(choice), use, adapter)
   while redis.call('ZCARD', resident_key(choice)) > capacity(choice) do
     local member = victim(choice)
-    if member == nil then break end
     redis.call('ZREM', resident_key(choice), member)
     table.insert(evicted, member)
   end
@@ -257,6 +252,7 @@ return {choice, loaded and 1 or 0, (holder ~= nil and choice ~= holder) and 1 or
         loads[choice] + 1, evicted, redis.call('ZREVRANGE', resident_key(choice), 0, -1),
         loading}
 """
+)
 
 # KEYS: the replica's loading hash and resident zset. ARGV: adapter, the loader's token, 1
 # when the load succeeded. Only the route whose load is marked ends it: after its deadline
@@ -268,6 +264,20 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 if ARGV[3] ~= '1' then redis.call('ZREM', KEYS[2], ARGV[1]) end
 return 1
 """
+
+# KEYS: the replica's resident zset, lease zset and lease hash. ARGV: adapter, now_ms.
+# Mirrors LocalPlacement.evicted_state.
+_EVICTED_STATE_LUA = (
+    _PURGE_EXPIRED_LUA
+    + """
+purge_expired(KEYS[2], KEYS[3], ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 'resident' end
+for _, name in ipairs(redis.call('HVALS', KEYS[3])) do
+  if name == ARGV[1] then return 'in_use' end
+end
+return 'idle'
+"""
+)
 
 
 class LocalPlacement:
@@ -297,13 +307,9 @@ class LocalPlacement:
         )
         return self._uses
 
-    def _victim(self, replica: str, adapter: str, in_use: set[str]) -> tuple[str, float] | None:
+    def _victim(self, replica: str, adapter: str) -> tuple[str, float]:
         resident = self._resident.get(replica, {})
-        members = sorted(
-            (use, name) for name, use in resident.items() if name != adapter and name not in in_use
-        )
-        if not members:
-            return None
+        members = sorted((use, name) for name, use in resident.items() if name != adapter)
         popularity = [(self._popularity.get(name, -math.inf), name) for _, name in members]
         score, name = min(popularity, key=lambda pair: pair[0])  # min keeps the first of equals
         return name, score
@@ -311,9 +317,7 @@ class LocalPlacement:
     def place(self, candidates: Sequence[Slot], adapter: str, token: str, now: float) -> Placement:
         policy = self._policy
         use = self._use(adapter) if adapter else 0
-        leases = [self._live_leases(slot.name, now) for slot in candidates]
-        loads = [len(live) for live in leases]
-        in_use = [{name for _, name in live.values()} for live in leases]
+        loads = [len(self._live_leases(slot.name, now)) for slot in candidates]
         min_load = min(loads)
         holds = [
             bool(adapter)
@@ -329,21 +333,14 @@ class LocalPlacement:
             choice = loads.index(min_load)
         else:
 
-            def value(i: int) -> float:
-                """A free slot -inf, a victim its popularity, adapters all in use +inf."""
+            def victim_value(i: int) -> float:
                 slot = candidates[i]
                 if len(self._resident.get(slot.name, {})) < slot.capacity:
                     return -math.inf
-                found = self._victim(slot.name, adapter, in_use[i])
-                return found[1] if found else math.inf
+                return self._victim(slot.name, adapter)[1]
 
-            def best_within(limit: float) -> int:
-                within = [i for i, load in enumerate(loads) if load <= limit]
-                return min(within, key=lambda i: (value(i), loads[i]))
-
-            choice = best_within(min_load + policy.spill_margin)
-            if value(choice) == math.inf:
-                choice = best_within(math.inf)
+            near = [i for i, load in enumerate(loads) if load <= min_load + policy.spill_margin]
+            choice = min(near, key=lambda i: (victim_value(i), loads[i]))
         slot = candidates[choice]
         tracked = bool(adapter) and adapter not in slot.pinned
         self._leases.setdefault(slot.name, {})[token] = (
@@ -355,11 +352,9 @@ class LocalPlacement:
             resident = self._resident.setdefault(slot.name, {})
             resident[adapter] = use
             while len(resident) > slot.capacity:
-                found = self._victim(slot.name, adapter, in_use[choice])
-                if found is None:  # the others are in use: evicted once they are not
-                    break
-                del resident[found[0]]
-                evicted.append(found[0])
+                name, _ = self._victim(slot.name, adapter)
+                del resident[name]
+                evicted.append(name)
             if slot.load_s:
                 loaded, loading = self._mark_loading(slot, adapter, token, now, loaded)
         return Placement(
@@ -424,6 +419,12 @@ class LocalPlacement:
             return "loading"
         return "resident" if adapter in self._resident.get(replica, {}) else "gone"
 
+    def evicted_state(self, replica: str, adapter: str, now: float) -> EvictedState:
+        if adapter in self._resident.get(replica, {}):
+            return "resident"
+        leases = self._live_leases(replica, now).values()
+        return "in_use" if any(name == adapter for _, name in leases) else "idle"
+
     def clear(self, replica: str) -> None:
         self._resident.pop(replica, None)
         self._loading.pop(replica, None)
@@ -461,6 +462,7 @@ class PlacementState:
         self._local = LocalPlacement(policy)
         self._script = redis.client.register_script(_PLACE_LUA) if redis else None
         self._finish = redis.client.register_script(_FINISH_LOAD_LUA) if redis else None
+        self._evicted = redis.client.register_script(_EVICTED_STATE_LUA) if redis else None
 
     def _resident_key(self, replica: str) -> str:
         return f"{self._prefix}resident:{replica}"
@@ -591,6 +593,23 @@ class PlacementState:
 
         shared = await self._attempt("load_state", run)
         return self._local.load_state(replica, adapter) if shared is None else shared
+
+    async def evicted_state(self, replica: str, adapter: str) -> EvictedState:
+        """Whether `adapter`, evicted from `replica`, may be unloaded there now ("idle": no
+        unexpired lease there names it), not yet ("in_use"), or not at all ("resident": a
+        cold start brought it back)."""
+        now = self._clock()
+        keys = [self._resident_key(replica), self._leases_key(replica), self._owners_key(replica)]
+        script = self._evicted
+
+        async def run() -> EvictedState:
+            assert script is not None
+            state = _text(await script(keys=keys, args=[adapter, int(now * 1000)]))
+            assert state in ("idle", "in_use", "resident"), state
+            return cast(EvictedState, state)
+
+        shared = await self._attempt("evicted_state", run)
+        return self._local.evicted_state(replica, adapter, now) if shared is None else shared
 
     async def forget(self, adapter: str, replicas: Sequence[str]) -> None:
         """Drop `adapter` from every replica and from the popularity counts (its weights

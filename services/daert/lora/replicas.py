@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 import httpx
 from prometheus_client import Counter, Gauge
 
 from daert.lora.config import ReplicaConfig
+from daert.lora.placement import EvictedState
 from daert.runtime.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -36,7 +38,10 @@ REPLICA_READY = Gauge(
 )
 UNLOADS = Counter(
     "daert_lora_adapter_unloads_total",
-    "Adapters unloaded from a vLLM replica after the router evicted them.",
+    "Unloads of adapters the router evicted from a vLLM replica or forgot, by outcome: "
+    "unloaded, not_loaded, unreachable, failed; resident_again (an evicted adapter came "
+    "back before its routes there ended: not unloaded), gave_up (still in use after "
+    "route_lease_s: left loaded).",
     ["replica", "outcome"],
 )
 
@@ -54,6 +59,9 @@ class Replica:
         self.ever_ready = False
         # adapter -> the load in progress, so routes arriving meanwhile wait for it.
         self.loading: dict[str, asyncio.Task[None]] = {}
+        # adapter -> the unload waiting for its routes to end, and how long it may wait
+        # (time.monotonic()); a later eviction of the same adapter moves the deadline.
+        self.unloading: dict[str, tuple[asyncio.Task[None], float]] = {}
 
     async def probe(self) -> bool:
         try:
@@ -160,12 +168,74 @@ class ReplicaPool:
         except (ResourceExhausted, Unavailable) as exc:
             raise type(exc)(f"{what}: {exc.message}") from None
 
-    async def unload(self, replica_name: str, adapter: str) -> None:
-        """Best effort: free an evicted adapter on a vLLM replica. A failure is logged and
-        counted, never raised: the request that evicted it goes on."""
+    def unload_when_idle(
+        self,
+        replica_name: str,
+        adapter: str,
+        state: Callable[[], Awaitable[EvictedState]],
+        patience_s: float,
+    ) -> None:
+        """Unload an evicted adapter from a vLLM replica, in the background, once `state`
+        says no route there uses it: vLLM's unload fails the requests not yet sent to it.
+        Polled with backoff for `patience_s` (the lease duration, after which the routes
+        that were in flight at the eviction have ended); not unloaded if the adapter is
+        resident there again, or if it is still in use then (left loaded, which is
+        harmless)."""
         replica = self.replicas[replica_name]
         if replica.config.kind != "vllm":
             return
+        deadline = time.monotonic() + patience_s
+        pending = replica.unloading.get(adapter)
+        if pending is not None:  # one waiting unload per adapter: it waits longer now
+            replica.unloading[adapter] = (pending[0], deadline)
+            return
+        task = asyncio.create_task(self._unload_when_idle(replica, adapter, state))
+        replica.unloading[adapter] = (task, deadline)
+
+        def done(task: asyncio.Task[None]) -> None:
+            if replica.unloading.get(adapter, (None, 0.0))[0] is task:
+                del replica.unloading[adapter]
+            if not task.cancelled() and (error := task.exception()) is not None:
+                log.error(
+                    "waiting to unload an evicted adapter failed",
+                    extra={"replica": replica.name, "adapter": adapter},
+                    exc_info=error,
+                )
+
+        task.add_done_callback(done)
+
+    async def _unload_when_idle(
+        self, replica: Replica, adapter: str, state: Callable[[], Awaitable[EvictedState]]
+    ) -> None:
+        pause = 0.05
+        while (current := await state()) == "in_use":
+            if time.monotonic() >= replica.unloading[adapter][1]:
+                UNLOADS.labels(replica.name, "gave_up").inc()
+                log.warning(
+                    "an evicted adapter is still in use after route_lease_s: left loaded",
+                    extra={"replica": replica.name, "adapter": adapter},
+                )
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+        if current == "resident":
+            UNLOADS.labels(replica.name, "resident_again").inc()
+            return
+        await self._unload(replica, adapter)
+
+    async def unload(self, replica_name: str, adapter: str) -> None:
+        """Best effort, at once: free an adapter the router forgot on a vLLM replica (an
+        unload waiting there for it is not needed any more). A failure is logged and
+        counted, never raised."""
+        replica = self.replicas[replica_name]
+        if replica.config.kind != "vllm":
+            return
+        pending = replica.unloading.pop(adapter, None)
+        if pending is not None:
+            pending[0].cancel()
+        await self._unload(replica, adapter)
+
+    async def _unload(self, replica: Replica, adapter: str) -> None:
         try:
             response = await replica.client.post(
                 "/v1/unload_lora_adapter", json={"lora_name": adapter}
@@ -183,7 +253,7 @@ class ReplicaPool:
         UNLOADS.labels(replica.name, outcome).inc()
         if detail:
             log.warning(
-                "unloading an evicted adapter failed",
+                "unloading an adapter failed",
                 extra={"replica": replica.name, "adapter": adapter, "error": detail},
             )
 
@@ -191,5 +261,9 @@ class ReplicaPool:
         for replica in self.replicas.values():
             for task in replica.loading.values():
                 task.cancel()
+            waiting = [task for task, _ in replica.unloading.values()]
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await replica.client.aclose()

@@ -4,6 +4,7 @@ which replica runs it (placement, then the adapter loaded there when it is a col
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -175,6 +176,14 @@ class Router:
             SPILLS.labels(replica.name).inc()
         if placement.evicted:
             EVICTIONS.labels(replica.name).inc(len(placement.evicted))
+        for evicted in placement.evicted:
+            # Not now: routes decided for it there may not have reached the replica yet.
+            self._pool.unload_when_idle(
+                replica.name,
+                evicted,
+                functools.partial(self._placement.evicted_state, replica.name, evicted),
+                self._placement.policy.lease_s,
+            )
         if adapter is not None:
             await self._make_resident(adapter, replica, placement)
         ROUTES.labels(choice.reason.value).inc()
@@ -184,10 +193,8 @@ class Router:
         self, adapter: AdapterRecord, replica: ReplicaConfig, placement: Placement
     ) -> None:
         """Have the adapter on the replica before the request goes there: load it on a cold
-        start (vLLM), or wait for a load another route has under way. Evicted adapters are
-        unloaded meanwhile (no route in flight uses them there)."""
+        start (vLLM), or wait for a load another route has under way."""
         name = adapter.name
-        unloads = [self._pool.unload(replica.name, e) for e in placement.evicted]
         try:
             if placement.loaded:
                 LOADS.labels(replica.name).inc()
@@ -198,9 +205,7 @@ class Router:
                         LOAD_FAILURES.labels(replica.name).inc()
                     await self._placement.finish_load(placement.route_id, name, ok)
 
-                await asyncio.gather(
-                    self._pool.load(replica.name, name, adapter.spec.source, settle), *unloads
-                )
+                await self._pool.load(replica.name, name, adapter.spec.source, settle)
                 if replica.kind == "vllm":
                     LOAD_SECONDS.observe(time.perf_counter() - started)
                 log.info(
@@ -213,7 +218,7 @@ class Router:
                     },
                 )
             else:
-                await asyncio.gather(self._wait_loaded(replica, name, placement), *unloads)
+                await self._wait_loaded(replica, name, placement)
         except (ServiceError, asyncio.CancelledError):
             # The request will not run there: its lease ends now.
             await self._placement.release(placement.route_id)
@@ -251,9 +256,9 @@ class Router:
         any more (vLLM replicas unload them at once, best effort)."""
         self._semantic.forget(adapter.name)
         await self._placement.forget(adapter.name, list(self._pool.replicas))
-        # Every vLLM replica of its base model, not only those it is resident on: one whose
-        # unload of it failed after an eviction still serves it, and would take a load of
-        # new weights under the same name as "already loaded".
+        # Every vLLM replica of its base model, not only those it is resident on: one it was
+        # evicted from may still serve it (its unload waits for its routes, or failed), and
+        # would take a load of new weights under the same name as "already loaded".
         serving = [
             r.name for r in self._settings.replicas if r.base_model == adapter.spec.base_model
         ]
