@@ -94,8 +94,11 @@ inside the stream is sent the way llama.cpp's server did before its split into
 server-context.cpp (``server_sent_event(sink, "error", error_data)``): an ``error:`` field
 ``{"code", "message", "type"}`` (``format_error_response``; here ``error_type`` validation
 -> 400 ``invalid_request_error``, overloaded -> 503 ``unavailable_error``, else 500
-``server_error``), then ``data: [DONE]``. In every flavour the model's stopping rules,
-``/v1/completions`` chunks and HTTP error bodies stay vLLM's.
+``server_error``), then ``data: [DONE]``. TGI's chat also stops as TGI does
+(``max_new_tokens`` first, the stop sequence kept at the end of the text) and reports
+``FinishReason::format(true)``: ``stop`` (EOS), ``length``, ``stop_sequence``. Otherwise, in
+every flavour, the model's stopping rules, ``/v1/completions`` chunks and HTTP error bodies
+stay vLLM's.
 
 Simplifications: prompts are not chat-templated (prompt = message contents joined by a
 space); ``logprobs``, tools, ``echo``, beam search, token-id prompts and
@@ -122,6 +125,8 @@ _JSON = {"Content-Type": "application/json"}
 _SSE = {"Content-Type": "text/event-stream; charset=utf-8"}
 Flavour = Literal["vllm", "tgi", "llama.cpp"]
 #: llama.cpp's ``format_error_response`` (code, type) for an ``error_type``.
+# TGI's FinishReason::format(true) (router/src/lib.rs): only EOS becomes OpenAI's "stop".
+_TGI_FINISH = {"eos": "stop", "length": "length", "stop": "stop_sequence"}
 _LLAMA_CPP_ERRORS = {
     "validation": (400, "invalid_request_error"),
     "overloaded": (503, "unavailable_error"),
@@ -223,8 +228,10 @@ class FakeOpenAI(FakeLLMServer):
         max_tokens: int | None = None,
         stop: str | Sequence[str] | None = None,
         json_mode: bool = False,
+        chat: bool = True,
     ) -> Generation:
-        """What a request with this prompt generates (vLLM's stop rules). For chat, the
+        """What a request with this prompt generates: vLLM's stop rules, or TGI's for chat
+        in the ``"tgi"`` flavour (the stop sequence stays in the text). For chat, the
         prompt is the message contents joined by a space; ``max_tokens`` None means
         ``max_model_len - prompt tokens``, as vLLM does."""
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -232,7 +239,15 @@ class FakeOpenAI(FakeLLMServer):
         limit = self.max_model_len - prompt_tokens
         if max_tokens is not None:
             limit = min(limit, max_tokens)
-        return self.generate(prompt, max_tokens=limit, stop=stops, json_mode=json_mode)
+        tgi = self.flavour == "tgi" and chat
+        return self.generate(
+            prompt,
+            max_tokens=limit,
+            stop=stops,
+            json_mode=json_mode,
+            length_first=tgi,
+            stop_mode="suffix" if tgi else "truncate",
+        )
 
     def expected_text(self, prompt: str, **kwargs: Any) -> str:
         """The text a request with this prompt gets back (see :meth:`generation`)."""
@@ -390,7 +405,9 @@ class FakeOpenAI(FakeLLMServer):
         requested = requested or req.get("max_tokens")
         gens: list[Generation] = []
         for prompt in prompts:
-            gen = self.generation(prompt, max_tokens=requested, stop=stop_list, json_mode=json_mode)
+            gen = self.generation(
+                prompt, max_tokens=requested, stop=stop_list, json_mode=json_mode, chat=chat
+            )
             gens.extend([gen] * n)
         await self._simulate_latency()
         base_id = request.headers.get("X-Request-Id") or req.get("request_id") or uuid.uuid4().hex
@@ -635,6 +652,7 @@ class FakeOpenAI(FakeLLMServer):
                 finish = ("length" if gen.finish == "length" else "stop") if last else None
                 if tgi:
                     role = {"role": "assistant", "content": delta}
+                    finish = _TGI_FINISH[gen.finish] if last else None
                     choice = {"index": i, "delta": role, "logprobs": None, "finish_reason": finish}
                     usage = _usage(gens) if last and include_usage else None
                     out += chunk([choice], usage=usage)
@@ -671,7 +689,7 @@ class FakeOpenAI(FakeLLMServer):
     def _tgi_unary(self, model: str, created: int, gens: list[Generation]) -> dict[str, Any]:
         choices = [
             {"index": i, "message": {"role": "assistant", "content": gen.text},
-             "logprobs": None, "finish_reason": "length" if gen.finish == "length" else "stop"}
+             "logprobs": None, "finish_reason": _TGI_FINISH[gen.finish]}
             for i, gen in enumerate(gens)
         ]  # fmt: skip
         usage = _usage(gens)

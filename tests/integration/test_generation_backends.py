@@ -303,6 +303,30 @@ async def test_openai_compatible_unary_and_stream(
     assert (reply.text, reply.finish_reason) == ("Hello, I", generation_pb2.FINISH_REASON_LENGTH)
 
 
+@pytest.mark.parametrize("model", OPENAI_FLAVOURS)
+async def test_openai_compatible_stop_sequences(
+    client: GenerationClient, fakes: dict[str, FakeLLMServer], model: str
+) -> None:
+    fake = fakes[model]
+    assert isinstance(fake, FakeOpenAI)
+    # vLLM cuts the stop string and names it in stop_reason; TGI's messages API keeps it in
+    # the text and says "stop_sequence". Either way the caller gets the text without it.
+    kept = fake.expected_text("hello there", stop=[" fake"])
+    assert kept == ("Hello, I am a fake" if model == "tgi-messages" else "Hello, I am a")
+    params = S(temperature=0, stop=[" fake"])
+    reply = await client.stub.Generate(request(model, params=params))
+    assert reply.text == "Hello, I am a"
+    assert reply.finish_reason == generation_pb2.FINISH_REASON_STOP_SEQUENCE
+    messages = await stream(client, request(model, stream=True, params=params))
+    assert "".join(m.delta for m in messages) == "Hello, I am a"
+    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_STOP_SEQUENCE
+    # A stop sequence that never completes is held back only until it cannot.
+    params = S(temperature=0, stop=[" fakery"])
+    messages = await stream(client, request(model, stream=True, params=params))
+    assert "".join(m.delta for m in messages) == "Hello, I am a fake model."
+    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_STOP
+
+
 async def test_tgi_messages_api_error_events_map_like_the_native_api(
     client: GenerationClient, tgi_messages: FakeOpenAI
 ) -> None:

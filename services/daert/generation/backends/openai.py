@@ -4,7 +4,9 @@
 Streams are SSE: `data: {chunk}` events, each with `choices[0].delta.content` (chat) or
 `choices[0].text` (completions), `finish_reason` on the last choice, then, because we ask
 with `stream_options.include_usage`, a chunk with `"choices": []` and `usage`, then
-`data: [DONE]`. vLLM reports the stop string that ended generation in `stop_reason`. A
+`data: [DONE]`. vLLM reports the stop string that ended generation in `stop_reason`; TGI's
+messages API says `stop_sequence` and, as its native API, keeps the stop string in the text,
+which is cut as there (and held back while streaming). A
 failure inside a stream that has answered 200 is an event: vLLM (and llama.cpp since its
 server was split up) send `data: {"error": {...}}`; TGI's messages API sends its native
 `data:{"error": "...", "error_type": ...}`, mapped as the TGI backend maps it (a validation
@@ -25,6 +27,7 @@ from typing import Any
 
 from daert.generation.backends.base import Completion, UpstreamCall
 from daert.generation.backends.wire import (
+    StopSequences,
     coded_error,
     error_text,
     json_answer,
@@ -48,6 +51,8 @@ LABEL = "OpenAI-compatible server"
 
 _FINISH = {
     "stop": generation_pb2.FINISH_REASON_STOP,
+    # TGI's messages API names its own reasons but for the end-of-sequence token.
+    "stop_sequence": generation_pb2.FINISH_REASON_STOP_SEQUENCE,
     "length": generation_pb2.FINISH_REASON_LENGTH,
     "content_filter": generation_pb2.FINISH_REASON_CONTENT_FILTER,
     "abort": generation_pb2.FINISH_REASON_CANCELLED,
@@ -83,10 +88,14 @@ class OpenAIBackend:
         text = choice.get("text") if call.input.prompt is not None else None
         if text is None:
             text = (choice.get("message") or {}).get("content") or ""
-        return Completion(text, _finished(choice, answer.get("usage"), call.input))
+        finished = _finished(choice, answer.get("usage"), call.input)
+        return Completion(
+            StopSequences(call.input.sampling.stop).cut(text, finished.reason), finished
+        )
 
     async def stream(self, call: UpstreamCall) -> AsyncGenerator[StreamEvent, None]:
         path, body = _request(call, stream=True)
+        stop = StopSequences(call.input.sampling.stop)
         last_choice: dict[str, Any] = {}
         usage: dict[str, Any] | None = None
         async with open_stream(
@@ -110,10 +119,13 @@ class OpenAIBackend:
                     text = choice.get("text")
                     if text is None:
                         text = (choice.get("delta") or {}).get("content")
-                    if text:
+                    if text := stop.feed(text or ""):
                         yield Delta(text)
                     if choice.get("finish_reason"):
                         last_choice = choice
+                        reason = _finished(choice, None, call.input).reason
+                        if rest := stop.finish(reason):
+                            yield Delta(rest)
         if not last_choice:
             raise Unavailable(f"{LABEL} at {self.url} ended the stream without a finish reason")
         yield _finished(last_choice, usage, call.input)

@@ -24,7 +24,13 @@ from typing import Any
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from daert.generation.backends.base import Completion, UpstreamCall
-from daert.generation.backends.wire import json_answer, json_object, sse_events, tgi_error
+from daert.generation.backends.wire import (
+    StopSequences,
+    json_answer,
+    json_object,
+    sse_events,
+    tgi_error,
+)
 from daert.generation.config import ModelConfig
 from daert.generation.request import Delta, Finished, GenerationInput, StreamEvent
 from daert.runtime.errors import FailedPrecondition, Unavailable
@@ -74,12 +80,13 @@ class TgiBackend:
         )  # fmt: skip
         answer = json_answer(response, LABEL)
         details = answer.get("details") or {}
-        stop = _StopSequences(call.input.sampling.stop)
+        stop = StopSequences(call.input.sampling.stop)
         finished = _finished(details, response.headers.get("x-prompt-tokens"))
-        return Completion(stop.cut(str(answer.get("generated_text") or ""), finished), finished)
+        text = stop.cut(str(answer.get("generated_text") or ""), finished.reason)
+        return Completion(text, finished)
 
     async def stream(self, call: UpstreamCall) -> AsyncGenerator[StreamEvent, None]:
-        stop = _StopSequences(call.input.sampling.stop)
+        stop = StopSequences(call.input.sampling.stop)
         finished: Finished | None = None
         async with open_stream(
             self._http, "/generate_stream", backend=LABEL, url=self.url,
@@ -96,7 +103,7 @@ class TgiBackend:
                         yield Delta(text)
                 if chunk.get("details") is not None:
                     finished = _finished(chunk["details"], None)
-                    if rest := stop.finish(finished):
+                    if rest := stop.finish(finished.reason):
                         yield Delta(rest)
         # Finished only once the body has ended: a connection left mid-body is closed
         # instead of going back to the pool.
@@ -159,41 +166,3 @@ def _finished(details: dict[str, Any], prompt_tokens_header: str | None) -> Fini
         prompt_tokens=int(prompt_tokens),
         completion_tokens=int(details.get("generated_tokens") or 0),
     )
-
-
-class _StopSequences:
-    """Cuts the stop sequence TGI leaves at the end of its text. While streaming, text that
-    could still become a stop sequence is held back until the next token decides it."""
-
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = stops
-        self._held = ""
-
-    def feed(self, text: str) -> str:
-        if not self._stops:
-            return text
-        self._held += text
-        keep = max((_overlap(self._held, stop) for stop in self._stops), default=0)
-        cut = len(self._held) - keep
-        ready, self._held = self._held[:cut], self._held[cut:]
-        return ready
-
-    def finish(self, finished: Finished) -> str:
-        held, self._held = self._held, ""
-        return self.cut(held, finished)
-
-    def cut(self, text: str, finished: Finished) -> str:
-        if finished.reason == generation_pb2.FINISH_REASON_STOP_SEQUENCE:
-            for stop in sorted(self._stops, key=len, reverse=True):
-                if text.endswith(stop):
-                    return text[: -len(stop)]
-        return text
-
-
-def _overlap(text: str, stop: str) -> int:
-    """Length of the longest end of `text` that is a beginning of `stop` (all of it
-    included)."""
-    for size in range(min(len(text), len(stop)), 0, -1):
-        if stop.startswith(text[-size:]):
-            return size
-    return 0

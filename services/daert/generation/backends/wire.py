@@ -14,6 +14,7 @@ import httpx
 
 from daert.runtime.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from daert.runtime.upstream import error_for_code, json_body
+from daert.v1 import generation_pb2
 
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
@@ -125,3 +126,42 @@ async def _lines(response: httpx.Response) -> AsyncGenerator[str, None]:
         pending = rest + pending[len(complete) :]
         for line in lines:
             yield line
+
+
+class StopSequences:
+    """Cuts the stop sequence that TGI (native and messages API) leaves at the end of its
+    text; the contract's text never has it. While streaming, text that could still become a
+    stop sequence is held back until the next token decides it."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = stops
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        if not self._stops:
+            return text
+        self._held += text
+        keep = max((_overlap(self._held, stop) for stop in self._stops), default=0)
+        cut = len(self._held) - keep
+        ready, self._held = self._held[:cut], self._held[cut:]
+        return ready
+
+    def finish(self, reason: generation_pb2.FinishReason.ValueType) -> str:
+        held, self._held = self._held, ""
+        return self.cut(held, reason)
+
+    def cut(self, text: str, reason: generation_pb2.FinishReason.ValueType) -> str:
+        if reason == generation_pb2.FINISH_REASON_STOP_SEQUENCE:
+            for stop in sorted(self._stops, key=len, reverse=True):
+                if text.endswith(stop):
+                    return text[: -len(stop)]
+        return text
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a beginning of `stop` (all of it
+    included)."""
+    for size in range(min(len(text), len(stop)), 0, -1):
+        if stop.startswith(text[-size:]):
+            return size
+    return 0
