@@ -14,8 +14,8 @@ import json
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -610,85 +610,84 @@ async def unloads_of(vllm: FakeOpenAI, count: int, within_s: float = 3.0) -> lis
     return unloads
 
 
-async def test_an_evicted_adapter_is_unloaded_once_its_routes_end(
-    lora_dsn: str, redis_server: EmbeddedRedis
-) -> None:
+@asynccontextmanager
+async def one_slot_vllm_router(
+    lora_dsn: str, redis_server: EmbeddedRedis, replica_name: str, adapters: tuple[str, ...]
+) -> AsyncIterator[tuple[FakeOpenAI, ServerProcess, LoraRouterClient]]:
+    """A router with plain LRU over one vLLM replica that holds one adapter, and `adapters`
+    registered: the smallest stage on which every cold route evicts."""
     with FakeOpenAI(models=[BASE], enable_lora=True) as vllm:
-        replicas_ = [replica("vllm-u", vllm, kind="vllm", max_resident_adapters=1)]
+        replicas_ = [replica(replica_name, vllm, kind="vllm", max_resident_adapters=1)]
         env = router_env(lora_dsn, replicas_, redis_server, popularity_half_life=0)
         with running(env) as server:
             async with LoraRouterClient(server.target, max_attempts=1) as client:
-                for name in ("use-x", "use-y"):
+                for name in adapters:
                     await register(client, name)
-                x = await route(client, "use-x")  # its request has not reached vLLM yet
-                y = await route(client, "use-y")
-                assert y.loaded and y.replica.name == "vllm-u"
-                assert list((await replicas(client))["vllm-u"].resident_adapters) == ["use-y"]
-                # Evicted, but unloading it now would fail x's request: vLLM keeps serving it.
-                await asyncio.sleep(1.5)  # the unload polls 5 times meanwhile
-                assert vllm.requests_to("/v1/unload_lora_adapter") == []
-                assert vllm.loaded_adapters == ["use-x", "use-y"]
-                await client.stub.ReleaseRoute(lora_pb2.ReleaseRouteRequest(route_id=x.route_id))
-                released = time.monotonic()
-                unloads = await unloads_of(vllm, 1)
-                assert time.monotonic() - released < 2.0  # polled at most 1 s apart
-                assert [r.json for r in unloads] == [{"lora_name": "use-x"}]
-                assert vllm.loaded_adapters == ["use-y"]
-            labels = {"replica": "vllm-u", "outcome": "unloaded"}
-            assert metric(server, "daert_lora_adapter_unloads_total", **labels) == 1
+                yield vllm, server, client
+
+
+async def test_an_evicted_adapter_is_unloaded_once_its_routes_end(
+    lora_dsn: str, redis_server: EmbeddedRedis
+) -> None:
+    stage = one_slot_vllm_router(lora_dsn, redis_server, "vllm-u", ("use-x", "use-y"))
+    async with stage as (vllm, server, client):
+        x = await route(client, "use-x")  # its request has not reached vLLM yet
+        y = await route(client, "use-y")
+        assert y.loaded and y.replica.name == "vllm-u"
+        assert list((await replicas(client))["vllm-u"].resident_adapters) == ["use-y"]
+        # Evicted, but unloading it now would fail x's request: vLLM keeps serving it.
+        await asyncio.sleep(1.5)  # the unload polls 5 times meanwhile
+        assert vllm.requests_to("/v1/unload_lora_adapter") == []
+        assert vllm.loaded_adapters == ["use-x", "use-y"]
+        await client.stub.ReleaseRoute(lora_pb2.ReleaseRouteRequest(route_id=x.route_id))
+        released = time.monotonic()
+        unloads = await unloads_of(vllm, 1)
+        assert time.monotonic() - released < 2.0  # polled at most 1 s apart
+        assert [r.json for r in unloads] == [{"lora_name": "use-x"}]
+        assert vllm.loaded_adapters == ["use-y"]
+        labels = {"replica": "vllm-u", "outcome": "unloaded"}
+        assert metric(server, "daert_lora_adapter_unloads_total", **labels) == 1
 
 
 async def test_an_evicted_adapter_routed_back_before_its_unload_stays_loaded(
     lora_dsn: str, redis_server: EmbeddedRedis
 ) -> None:
-    with FakeOpenAI(models=[BASE], enable_lora=True) as vllm:
-        replicas_ = [replica("vllm-r", vllm, kind="vllm", max_resident_adapters=1)]
-        env = router_env(lora_dsn, replicas_, redis_server, popularity_half_life=0)
-        with running(env) as server:
-            async with LoraRouterClient(server.target, max_attempts=1) as client:
-                for name in ("back-x", "back-y"):
-                    await register(client, name)
-                routed = [await route(client, "back-x"), await route(client, "back-y")]
-                # x comes back cold while its first route is in flight: it evicts y, and
-                # vLLM, still serving x, answers the load as already done.
-                again = await route(client, "back-x")
-                assert again.loaded and again.replica.name == "vllm-r"
-                assert vllm.requests_to("/v1/unload_lora_adapter") == []
-                for reply in [*routed, again]:
-                    await client.stub.ReleaseRoute(
-                        lora_pb2.ReleaseRouteRequest(route_id=reply.route_id)
-                    )
-                assert [r.json for r in await unloads_of(vllm, 1)] == [{"lora_name": "back-y"}]
-                await asyncio.sleep(1.5)  # x's waiting unload has seen it resident again
-                assert len(vllm.requests_to("/v1/unload_lora_adapter")) == 1
-                assert vllm.loaded_adapters == ["back-x"]
-                assert list((await replicas(client))["vllm-r"].resident_adapters) == ["back-x"]
-            labels = {"replica": "vllm-r", "outcome": "resident_again"}
-            assert metric(server, "daert_lora_adapter_unloads_total", **labels) == 1
+    stage = one_slot_vllm_router(lora_dsn, redis_server, "vllm-r", ("back-x", "back-y"))
+    async with stage as (vllm, server, client):
+        routed = [await route(client, "back-x"), await route(client, "back-y")]
+        # x comes back cold while its first route is in flight: it evicts y, and
+        # vLLM, still serving x, answers the load as already done.
+        again = await route(client, "back-x")
+        assert again.loaded and again.replica.name == "vllm-r"
+        assert vllm.requests_to("/v1/unload_lora_adapter") == []
+        for reply in [*routed, again]:
+            await client.stub.ReleaseRoute(lora_pb2.ReleaseRouteRequest(route_id=reply.route_id))
+        assert [r.json for r in await unloads_of(vllm, 1)] == [{"lora_name": "back-y"}]
+        await asyncio.sleep(1.5)  # x's waiting unload has seen it resident again
+        assert len(vllm.requests_to("/v1/unload_lora_adapter")) == 1
+        assert vllm.loaded_adapters == ["back-x"]
+        assert list((await replicas(client))["vllm-r"].resident_adapters) == ["back-x"]
+        labels = {"replica": "vllm-r", "outcome": "resident_again"}
+        assert metric(server, "daert_lora_adapter_unloads_total", **labels) == 1
 
 
 async def test_a_replaced_adapter_waiting_for_its_unload_is_unloaded_at_once(
     lora_dsn: str, redis_server: EmbeddedRedis
 ) -> None:
-    with FakeOpenAI(models=[BASE], enable_lora=True) as vllm:
-        replicas_ = [replica("vllm-n", vllm, kind="vllm", max_resident_adapters=1)]
-        env = router_env(lora_dsn, replicas_, redis_server, popularity_half_life=0)
-        with running(env) as server:
-            async with LoraRouterClient(server.target, max_attempts=1) as client:
-                for name in ("new-x", "new-y"):
-                    await register(client, name)
-                await route(client, "new-x")  # in flight: x's unload waits for it
-                await route(client, "new-y")
-                await client.stub.RegisterAdapter(
-                    lora_pb2.RegisterAdapterRequest(
-                        adapter=adapter("new-x", source="/adapters/new-x-2"), replace=True
-                    )
-                )
-                # Not resident in the placement, but vLLM still has the old weights.
-                unloads = vllm.requests_to("/v1/unload_lora_adapter")
-                assert [r.json for r in unloads] == [{"lora_name": "new-x"}]
-                assert (await route(client, "new-x")).loaded
-                assert vllm.lora_paths["new-x"] == "/adapters/new-x-2"
+    stage = one_slot_vllm_router(lora_dsn, redis_server, "vllm-n", ("new-x", "new-y"))
+    async with stage as (vllm, _server, client):
+        await route(client, "new-x")  # in flight: x's unload waits for it
+        await route(client, "new-y")
+        await client.stub.RegisterAdapter(
+            lora_pb2.RegisterAdapterRequest(
+                adapter=adapter("new-x", source="/adapters/new-x-2"), replace=True
+            )
+        )
+        # Not resident in the placement, but vLLM still has the old weights.
+        unloads = vllm.requests_to("/v1/unload_lora_adapter")
+        assert [r.json for r in unloads] == [{"lora_name": "new-x"}]
+        assert (await route(client, "new-x")).loaded
+        assert vllm.lora_paths["new-x"] == "/adapters/new-x-2"
 
 
 async def test_vllm_load_failures_are_clear_errors(
