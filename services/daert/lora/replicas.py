@@ -27,6 +27,7 @@ from daert.runtime.errors import (
     ServiceError,
     Unavailable,
 )
+from daert.runtime.polling import poll_while
 from daert.runtime.upstream import error_for_status, http_client, send
 
 log = logging.getLogger("daert.lora.replicas")
@@ -207,17 +208,16 @@ class ReplicaPool:
     async def _unload_when_idle(
         self, replica: Replica, adapter: str, state: Callable[[], Awaitable[EvictedState]]
     ) -> None:
-        pause = 0.05
-        while (current := await state()) == "in_use":
-            if time.monotonic() >= replica.unloading[adapter][1]:
-                UNLOADS.labels(replica.name, "gave_up").inc()
-                log.warning(
-                    "an evicted adapter is still in use after route_lease_s: left loaded",
-                    extra={"replica": replica.name, "adapter": adapter},
-                )
-                return
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 1.0)
+        current = await poll_while(
+            state, "in_use", lambda: replica.unloading[adapter][1], 0.05, 1.0
+        )
+        if current == "in_use":
+            UNLOADS.labels(replica.name, "gave_up").inc()
+            log.warning(
+                "an evicted adapter is still in use after route_lease_s: left loaded",
+                extra={"replica": replica.name, "adapter": adapter},
+            )
+            return
         if current == "resident":
             UNLOADS.labels(replica.name, "resident_again").inc()
             return

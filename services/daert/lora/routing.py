@@ -25,6 +25,7 @@ from daert.runtime.errors import (
     ServiceError,
     Unavailable,
 )
+from daert.runtime.polling import poll_while
 
 log = logging.getLogger("daert.lora.routing")
 
@@ -232,15 +233,18 @@ class Router:
         if not placement.loading:
             return
         deadline = time.monotonic() + replica.timeout_s
-        pause = 0.02
-        while (state := await self._placement.load_state(replica.name, name)) == "loading":
-            if time.monotonic() >= deadline:
-                raise Unavailable(
-                    f"adapter {name!r} is still loading on replica {replica.name!r} after "
-                    f"{replica.timeout_s:g} s (another route started the load); retry later"
-                )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.25)
+        state = await poll_while(
+            functools.partial(self._placement.load_state, replica.name, name),
+            "loading",
+            lambda: deadline,
+            0.02,
+            0.25,
+        )
+        if state == "loading":
+            raise Unavailable(
+                f"adapter {name!r} is still loading on replica {replica.name!r} after "
+                f"{replica.timeout_s:g} s (another route started the load); retry later"
+            )
         if state == "gone":
             # The route that loaded it got the error; a retry loads it again.
             raise Unavailable(
