@@ -96,13 +96,13 @@ def cache_key(
     canonical = request.canonical()
     exact = f"{_digest(fields | canonical)}"
     # The scope is everything but the text compared: the last user message (or prompt).
-    users = [i for i, m in enumerate(canonical["messages"]) if m[0] == "user"]
     if request.prompt is not None:
         canonical["prompt"] = None
-    elif users:
+    else:
+        users = [i for i, m in enumerate(canonical["messages"]) if m[0] == "user"]
+        if not users:  # e.g. system and assistant turns only: exact matches only
+            return CacheKey(exact=f"{_PREFIX}:answer:{exact}", scope=None, text="")
         canonical["messages"] = canonical["messages"][: users[-1]]
-    else:  # e.g. system and assistant turns only: nothing to compare, exact matches only
-        return CacheKey(exact=f"{_PREFIX}:answer:{exact}", scope=None, text="")
     return CacheKey(
         exact=f"{_PREFIX}:answer:{exact}",
         scope=f"{_PREFIX}:semantic:{_digest(fields | canonical)}",

@@ -121,7 +121,7 @@ class Targets:
             raise Unavailable(f"LoRA router chose replica {replica.name!r} of unknown kind")
         backend = self._replica_backend(config, replica, kind)
         if route.adapter_id and replica.kind == lora_pb2.REPLICA_KIND_LORAX:
-            adapter_id, source = lorax_adapter(route.adapter_source or route.adapter_id)
+            adapter_id, source = _lorax_adapter(route.adapter_source or route.adapter_id)
             call = UpstreamCall(
                 request, config.upstream_name, adapter=adapter_id, adapter_source=source
             )
@@ -161,7 +161,7 @@ class Targets:
             await self._router.close()
 
 
-def lorax_adapter(source: str) -> tuple[str, str]:
+def _lorax_adapter(source: str) -> tuple[str, str]:
     """LoRAX's `adapter_id` and `adapter_source` for a registered source: an s3:// URI is
     "s3", a path on the replica (absolute, or a file:// URI) "local", anything else a Hub
     id ("hub", LoRAX's default)."""

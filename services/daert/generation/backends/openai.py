@@ -123,8 +123,7 @@ class OpenAIBackend:
                         yield Delta(text)
                     if choice.get("finish_reason"):
                         last_choice = choice
-                        reason = _finished(choice, None, call.input).reason
-                        if rest := stop.finish(reason):
+                        if rest := stop.finish(_reason(choice, call.input)):
                             yield Delta(rest)
         if not last_choice:
             raise Unavailable(f"{LABEL} at {self.url} ended the stream without a finish reason")
@@ -183,17 +182,23 @@ def _output(output: OutputFormat, *, chat: bool) -> dict[str, Any]:
     return {}
 
 
-def _finished(
-    choice: dict[str, Any], usage: dict[str, Any] | None, request: GenerationInput
-) -> Finished:
+def _reason(
+    choice: dict[str, Any], request: GenerationInput
+) -> generation_pb2.FinishReason.ValueType:
     reason = _FINISH.get(choice.get("finish_reason") or "", generation_pb2.FINISH_REASON_STOP)
     # vLLM names the stop string that matched; plain OpenAI says only "stop".
     stop_reason = choice.get("stop_reason")
     if reason == generation_pb2.FINISH_REASON_STOP and stop_reason in request.sampling.stop:
         reason = generation_pb2.FINISH_REASON_STOP_SEQUENCE
+    return reason
+
+
+def _finished(
+    choice: dict[str, Any], usage: dict[str, Any] | None, request: GenerationInput
+) -> Finished:
     usage = usage or {}
     return Finished(
-        reason,
+        _reason(choice, request),
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
     )
