@@ -7,6 +7,9 @@ import json
 import urllib.request
 from typing import Any
 
+import grpc
+import pytest
+from daert.clients import GenerationClient
 from daert.v1 import common_pb2, generation_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,6 +43,23 @@ def request(
     content = {"prompt": text} if prompt else {"messages": [user(text)]}
     cls = generation_pb2.GenerateStreamRequest if stream else generation_pb2.GenerateRequest
     return cls(model=model, **content, **fields)
+
+
+async def rpc_error(client: GenerationClient, req: Any) -> grpc.aio.AioRpcError:
+    """The status `req` fails with, through GenerateStream or Generate as its type says."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if isinstance(req, generation_pb2.GenerateStreamRequest):
+            [message async for message in client.stub.GenerateStream(req)]
+        else:
+            await client.stub.Generate(req)
+    return caught.value
+
+
+def assert_ended_by_error(messages: list[Any], text: str, error: str) -> None:
+    """A stream that failed after delivering `text`: its last message says so, and why."""
+    assert "".join(m.delta for m in messages) == text
+    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_ERROR
+    assert error in messages[-1].error
 
 
 def metric(metrics_port: int, name: str, **labels: str) -> float:

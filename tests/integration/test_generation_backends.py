@@ -23,9 +23,11 @@ from tests.fakes.openai import FakeOpenAI
 from tests.fakes.tgi import FakeTGI
 from tests.integration.generation_support import (
     CHAT_TEMPLATE,
+    assert_ended_by_error,
     models_env,
     render_chat,
     request,
+    rpc_error,
 )
 
 S = generation_pb2.SamplingParams
@@ -242,9 +244,7 @@ async def test_tgi_rejections_inside_a_200_stream_are_statuses(
 async def test_tgi_error_event_mid_stream(client: GenerationClient, tgi: FakeTGI) -> None:
     tgi.error_after_tokens = (3, "Request failed during generation: Unexpected<'CUDA OOM'>")
     messages = await stream(client, request("tgi", stream=True))
-    assert "".join(m.delta for m in messages) == "Hello, I"
-    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_ERROR
-    assert "CUDA OOM" in messages[-1].error
+    assert_ended_by_error(messages, "Hello, I", "CUDA OOM")
 
 
 async def test_tgi_overload_in_a_200_stream_is_retried_before_the_first_token(
@@ -269,9 +269,7 @@ async def test_tgi_overload_after_the_first_token_is_not_retried(
 ) -> None:
     tgi.error_after_tokens, tgi.error_type = (2, ""), "overloaded"
     messages = await stream(client, request("tgi", stream=True))
-    assert "".join(m.delta for m in messages) == "Hello,"
-    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_ERROR
-    assert "Model is overloaded" in messages[-1].error
+    assert_ended_by_error(messages, "Hello,", "Model is overloaded")
     assert len(tgi.requests_to(TGI_STREAM)) == 1
 
 
@@ -346,9 +344,7 @@ async def test_tgi_messages_api_error_events_map_like_the_native_api(
     tgi_messages.error_after_tokens = (2, "CUDA OOM")
     tgi_messages.error_type = "generation"
     messages = await stream(client, request("tgi-messages", stream=True))
-    assert "".join(m.delta for m in messages) == "Hello,"
-    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_ERROR
-    assert "Request failed during generation: CUDA OOM" in messages[-1].error
+    assert_ended_by_error(messages, "Hello,", "Request failed during generation: CUDA OOM")
 
 
 async def test_llama_cpp_error_field_in_a_stream_is_not_dropped(
@@ -363,9 +359,7 @@ async def test_llama_cpp_error_field_in_a_stream_is_not_dropped(
     llama_cpp.error_after_tokens = (2, "decode failed")
     llama_cpp.error_type = "generation"  # code 500
     messages = await stream(client, request("llama.cpp", stream=True))
-    assert "".join(m.delta for m in messages) == "Hello,"
-    assert messages[-1].finish_reason == generation_pb2.FINISH_REASON_ERROR
-    assert "decode failed" in messages[-1].error
+    assert_ended_by_error(messages, "Hello,", "decode failed")
 
 
 # --- Ollama ----------------------------------------------------------------------------------
@@ -441,13 +435,9 @@ async def test_ollama_error_statuses(
     streaming: bool,
 ) -> None:
     ollama.fail_next_ollama(status, f"ollama says {status}", times=3)
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        if streaming:
-            await stream(client, request("ollama", stream=True))
-        else:
-            await client.stub.Generate(request("ollama"))
-    assert error.value.code() == code
-    assert f"ollama says {status}" in (error.value.details() or "")
+    error = await rpc_error(client, request("ollama", stream=streaming))
+    assert error.code() == code
+    assert f"ollama says {status}" in (error.details() or "")
     assert len(ollama.requests_to("/api/chat")) == 1  # the server did work: not retried
 
 

@@ -23,7 +23,13 @@ from daert.v1 import common_pb2, generation_pb2
 
 from tests.fakes.openai import FakeOpenAI
 from tests.helpers import free_port
-from tests.integration.generation_support import metric, models_env, request, user
+from tests.integration.generation_support import (
+    metric,
+    models_env,
+    request,
+    rpc_error,
+    user,
+)
 
 CHAT = "/v1/chat/completions"
 CACHE_DB = 1  # the generation tests' own Redis database: flushed before each test
@@ -305,13 +311,9 @@ async def test_upstream_status_mapping(
     streaming: bool,
 ) -> None:
     vllm.fail_next_openai(status, f"upstream says {status}", times=5)  # outlasts the retries
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        if streaming:
-            await stream(client, request("vllm", stream=True))
-        else:
-            await client.stub.Generate(request("vllm"))
-    assert error.value.code() == code
-    assert f"upstream says {status}" in (error.value.details() or "")
+    error = await rpc_error(client, request("vllm", stream=streaming))
+    assert error.code() == code
+    assert f"upstream says {status}" in (error.details() or "")
     # Only 429 and 503 are tried again: RETRY_ATTEMPTS (3) requests in all, then given up.
     assert upstream_calls(vllm) == (3 if status in (429, 503) else 1)
 
