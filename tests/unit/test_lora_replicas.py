@@ -200,18 +200,24 @@ class States:
         return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
 
 
-def unloads(outcome: str) -> float:
-    labels = {"replica": "v0", "outcome": outcome}
-    return REGISTRY.get_sample_value("daert_lora_adapter_unloads_total", labels) or 0.0
-
-
-async def test_an_evicted_adapter_is_unloaded_once_idle_and_not_if_resident_again() -> None:
+def unload_recorder() -> tuple[list[str], Handler]:
+    """A vLLM that unloads whatever it is asked to, and the adapters it was asked for."""
     calls: list[str] = []
 
     async def handler(request: httpx.Request) -> httpx.Response:
         calls.append(json.loads(request.content)["lora_name"])
         return httpx.Response(200, text="Success")
 
+    return calls, handler
+
+
+def unloads(outcome: str) -> float:
+    labels = {"replica": "v0", "outcome": outcome}
+    return REGISTRY.get_sample_value("daert_lora_adapter_unloads_total", labels) or 0.0
+
+
+async def test_an_evicted_adapter_is_unloaded_once_idle_and_not_if_resident_again() -> None:
+    calls, handler = unload_recorder()
     pool, _ = pool_with(handler)
     busy = States("in_use", "in_use", "idle")
     pool.unload_when_idle("v0", "a", busy, patience_s=5.0)
@@ -247,12 +253,7 @@ async def test_an_unload_waits_at_most_its_patience_and_a_later_eviction_extends
 
 
 async def test_an_unload_now_or_close_ends_the_waiting_ones() -> None:
-    calls: list[str] = []
-
-    async def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(json.loads(request.content)["lora_name"])
-        return httpx.Response(200, text="Success")
-
+    calls, handler = unload_recorder()
     pool, _ = pool_with(handler)
     pool.unload_when_idle("v0", "a", States("in_use"), patience_s=60.0)
     pool.unload_when_idle("v0", "b", States("in_use"), patience_s=60.0)
