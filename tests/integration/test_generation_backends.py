@@ -87,28 +87,22 @@ def fakes(
 
 
 @pytest.fixture(scope="module")
-def generation(
-    tgi: FakeTGI,
-    tgi_spaced: FakeTGI,
-    ollama: FakeOllama,
-    vllm: FakeOpenAI,
-    tgi_messages: FakeOpenAI,
-    llama_cpp: FakeOpenAI,
-) -> Iterator[ServerProcess]:
+def generation(fakes: dict[str, FakeLLMServer]) -> Iterator[ServerProcess]:
+    url = {name: fake.url for name, fake in fakes.items()}
     env = models_env(
-        {"name": "tgi", "backend": "tgi", "url": tgi.url, "chat_template": CHAT_TEMPLATE,
+        {"name": "tgi", "backend": "tgi", "url": url["tgi"], "chat_template": CHAT_TEMPLATE,
          "adapters": "direct"},
-        {"name": "tgi-spaced", "backend": "tgi", "url": tgi_spaced.url,
+        {"name": "tgi-spaced", "backend": "tgi", "url": url["tgi-spaced"],
          "chat_template": CHAT_TEMPLATE},
-        {"name": "tgi-raw", "backend": "tgi", "url": tgi.url},
-        {"name": "ollama", "backend": "ollama", "url": ollama.url, "upstream_model": "llama3.2",
+        {"name": "tgi-raw", "backend": "tgi", "url": url["tgi"]},
+        {"name": "ollama", "backend": "ollama", "url": url["ollama"], "upstream_model": "llama3.2",
          "keep_alive": "10m"},
-        {"name": "ollama-unpulled", "backend": "ollama", "url": ollama.url,
+        {"name": "ollama-unpulled", "backend": "ollama", "url": url["ollama"],
          "upstream_model": "mistral"},
-        {"name": "vllm", "backend": "openai", "url": vllm.url, "upstream_model": "base-model"},
-        {"name": "tgi-messages", "backend": "openai", "url": tgi_messages.url,
+        {"name": "vllm", "backend": "openai", "url": url["vllm"], "upstream_model": "base-model"},
+        {"name": "tgi-messages", "backend": "openai", "url": url["tgi-messages"],
          "upstream_model": "tgi-model"},
-        {"name": "llama.cpp", "backend": "openai", "url": llama_cpp.url,
+        {"name": "llama.cpp", "backend": "openai", "url": url["llama.cpp"],
          "upstream_model": "llama"},
         retry_backoff_s=0.05,
     )  # fmt: skip
