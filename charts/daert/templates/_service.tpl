@@ -17,7 +17,7 @@ ServiceMonitor. Called once per enabled service by services.yaml with
 {{- $metrics := ge (int $svc.metricsPort) 0 -}}
 {{- $config := default (dict) $svc.config -}}
 {{- $secretEnv := default (dict) $svc.secretEnv -}}
-{{- $deps := include "daert.deps" (dict "name" $name "svc" $svc) | fromJsonArray -}}
+{{- $deps := include "daert.deps" (dict "root" $root "name" $name "svc" $svc) | fromJsonArray -}}
 {{- $serviceNames := include "daert.serviceNames" $root | fromJsonArray -}}
 {{- $drain := int $V.gracePeriodSeconds -}}
 {{- range $key := list "port" "metrics_port" "grace_period_s" -}}
@@ -411,6 +411,15 @@ spec:
         {{- end }}
       ports:
         - port: {{ include "daert.redis.port" $root }}
+          protocol: TCP
+    {{- else if eq $dep "llm" }}
+    # The llm workload (llama-server, HTTP).
+    - to:
+        - podSelector:
+            matchLabels:
+              {{- include "daert.selectorLabels" (dict "root" $root "component" "llm") | nindent 14 }}
+      ports:
+        - port: {{ $V.llm.port }}
           protocol: TCP
     {{- else if eq $dep "weaviate" }}
     # Weaviate (REST and gRPC).
