@@ -36,13 +36,25 @@ SERVICES = [
     "lora",
     "gateway",
 ]
-# Services whose server exists today (daert.runtime.registry.SERVICES), on by default.
-DEFAULT_ON = ["embedding", "retrieval", "rerank", "sandbox"]
+# The services on by default: every one whose server exists (daert.runtime.registry.SERVICES);
+# the gateway is off until it ships.
+DEFAULT_ON = ["generation", "embedding", "retrieval", "rerank", "sandbox", "context", "lora"]
 
 # Values that switch every service on (and every optional object the chart has).
 ALL_ON: dict[str, Any] = {
     **{name: {"enabled": True} for name in SERVICES},
     "metrics": {"serviceMonitor": {"enabled": True}},
+}
+
+# Generation and context on the user's own servers, without the chart's LLM server (llm).
+OWN_SERVERS: dict[str, Any] = {
+    "llm": {"enabled": False},
+    "generation": {
+        "config": {"models": [{"name": "llama", "backend": "openai", "url": "http://vllm:8000"}]}
+    },
+    "context": {
+        "config": {"tokenizers": [{"name": "llama", "kind": "huggingface", "path": "/models/t"}]}
+    },
 }
 
 PROFILES = {

@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 import pytest
+from daert.context.config import ContextSettings
 from daert.embedding.config import EmbeddingSettings
 from daert.generation.config import GenerationSettings
 from daert.lora.config import LoraSettings
@@ -23,6 +24,7 @@ from tests.chart.conftest import ALL_ON, CHART, FULLNAME, PROFILES, render, rend
 
 SETTINGS: dict[str, type[BaseSettings]] = {
     "generation": GenerationSettings,
+    "context": ContextSettings,
     "lora": LoraSettings,
     "embedding": EmbeddingSettings,
     "rerank": RerankSettings,
@@ -35,6 +37,7 @@ CHART_MANAGED = {"port", "metrics_port", "grace_period_s"}
 SECRET_FIELDS = {
     "retrieval": {"dsn", "weaviate_api_key"},
     "generation": {"redis_url", "redis_password"},
+    "context": {"redis_url", "redis_password"},
     "lora": {"dsn", "redis_url", "redis_password"},
 }
 
@@ -145,7 +148,8 @@ def test_dependencies_set_client_targets() -> None:
     assert data["DAERT_LORA_TARGET"] == f"{FULLNAME}-lora:50057"
     assert "DAERT_SANDBOX_TARGET" not in data
     # A dependency that is off is neither a target nor an egress rule.
-    data = render({"gateway": {"enabled": True}}).get("ConfigMap", f"{FULLNAME}-gateway")["data"]
+    values = {"gateway": {"enabled": True}, "generation": {"enabled": False}}
+    data = render(values).get("ConfigMap", f"{FULLNAME}-gateway")["data"]
     assert "DAERT_GENERATION_TARGET" not in data
     assert data["DAERT_RETRIEVAL_TARGET"] == f"{FULLNAME}-retrieval:50053"
 
@@ -174,6 +178,28 @@ BAD_VALUES = [
     (["lora.dependsOn={mysql}"], "/lora/dependsOn/0", "must be one of"),
     (["sandbox.runtimeClassName=Not_Valid"], "/sandbox/runtimeClassName", "does not match pattern"),
     (["redis.database=16"], "/redis/database", "maximum"),
+    (["context.config.keep_last_messages=-1"], "/context/config/keep_last_messages", "minimum"),
+    (["context.config.summary_ttl_s=0"], "/context/config/summary_ttl_s", "exclusiveMinimum"),
+    (["context.config.summary_modle=x"], "/context/config", "'summary_modle' not allowed"),
+    (["context.config.redis_url=redis://r"], "/context/config", "'redis_url' not allowed"),
+    (["context.config.tokenizers[0].name=t"], "/context/config/tokenizers/0", "'kind'"),
+    (
+        ["context.config.tokenizers[0].name=t", "context.config.tokenizers[0].kind=tiktoken"],
+        "/context/config/tokenizers/0/kind",
+        "must be one of",
+    ),
+    (
+        ["context.config.tokenizers[0].name=t", "context.config.tokenizers[0].kind=llama_cpp"],
+        "/context/config/tokenizers/0",
+        "missing property 'url'",
+    ),
+    (
+        ["context.config.tokenizers[0].name=t", "context.config.tokenizers[0].kind=huggingface"],
+        "/context/config/tokenizers/0",
+        "missing property 'path'",
+    ),
+    (["context.dependsOn={context}"], "/context/dependsOn/0", "must be one of"),
+    (["generation.config.models=null"], "/generation/config/models", "got null, want array"),
 ]
 
 

@@ -20,6 +20,7 @@ from tests.chart.conftest import (
     DEFAULT_ON,
     FULL_CHART,
     FULLNAME,
+    OWN_SERVERS,
     PROFILES,
     SERVICES,
     copy_chart,
@@ -52,12 +53,12 @@ def test_helm_test_hook_checks_every_enabled_service() -> None:
             assert script.count(line) == 1, name
     # The LLM server on its HTTP health path.
     assert script.count(f"wget -q -T 10 -O - http://{FULLNAME}-llm:8090/health") == 1
-    script = health_pod({"llm": {"enabled": False}})["spec"]["containers"][0]["args"][0]
+    script = health_pod(OWN_SERVERS)["spec"]["containers"][0]["args"][0]
     assert "-llm" not in script
     # Only enabled services are checked.
     script = health_pod({})["spec"]["containers"][0]["args"][0]
     assert script.count("grpc.health.v1.Health/Check") == len(DEFAULT_ON)
-    assert "generation" not in script
+    assert "gateway" not in script
 
 
 STUB = """#!/bin/sh
@@ -153,14 +154,20 @@ def test_notes_tell_how_to_reach_each_enabled_service(tmp_path: Path) -> None:
         port = render().get("Service", f"{FULLNAME}-{name}")["spec"]["ports"][0]["port"]
         assert f"kubectl -n ns port-forward svc/{FULLNAME}-{name} {port}:{port}" in notes
         assert f"grpcurl -plaintext localhost:{port} grpc.health.v1.Health/Check" in notes
-    assert "generation" not in notes
+    assert "gateway" not in notes
     assert "helm test rel -n ns" in notes
     # The LLM server, how to reach it and where its model comes from.
     assert f"kubectl -n ns port-forward svc/{FULLNAME}-llm 8090:8090" in notes
     assert "curl http://localhost:8090/v1/models" in notes
     assert 'model "gemma-3-270m", context 4096 tokens, 2 slots' in notes
     assert "the image ghcr.io/daert/daert-llm-model" in notes
+    assert 'The generation service serves it as its one model, "gemma-3-270m"' in notes
     assert "WARNING" not in notes
+    # With your own LLM servers and no llm, the NOTES do not mention it.
+    own = tmp_path / "own-servers.yaml"
+    own.write_text(yaml.safe_dump(OWN_SERVERS))
+    notes = render_notes(tmp_path / "own", [own])
+    assert "LLM server" not in notes and "-llm" not in notes
     # Without gVisor (the dev profile) the NOTES say that it is not isolation.
     dev = render_notes(tmp_path / "dev", PROFILES["dev"])
     assert "WARNING: sandbox.runtimeClassName is empty" in dev
@@ -193,8 +200,13 @@ def test_pgvector_statefulset() -> None:
 
 
 def test_redis_runs_only_when_a_service_uses_it() -> None:
-    assert f"{FULLNAME}-redis" not in render().names("Deployment")
-    rendered = render({"generation": {"enabled": True}})
+    # Generation (its cache), context (rolling summaries) and lora (load state) use it.
+    users_off = {name: {"enabled": False} for name in ("generation", "context", "lora")}
+    assert f"{FULLNAME}-redis" not in render(users_off).names("Deployment")
+    assert f"{FULLNAME}-redis" in render({**users_off, "lora": {"enabled": True}}).names(
+        "Deployment"
+    )
+    rendered = render({**users_off, "generation": {"enabled": True}})
     redis = rendered.get("Deployment", f"{FULLNAME}-redis")
     (c,) = redis["spec"]["template"]["spec"]["containers"]
     assert c["image"] == "redis:7.4.2"
@@ -205,8 +217,10 @@ def test_redis_runs_only_when_a_service_uses_it() -> None:
     assert "$(REDIS_PASSWORD)" not in " ".join(c["args"])
     data = rendered.get("ConfigMap", f"{FULLNAME}-generation")["data"]
     assert data["DAERT_GENERATION_REDIS_URL"] == f"redis://{FULLNAME}-redis:6379/0"
-    # PostgreSQL likewise: retrieval off and nothing else using it, no database.
-    assert not render({"retrieval": {"enabled": False}}).of("StatefulSet")
+    # PostgreSQL likewise: retrieval and lora off and nothing else using it, no database.
+    assert not render({"retrieval": {"enabled": False}, "lora": {"enabled": False}}).of(
+        "StatefulSet"
+    )
 
 
 # --- daert-full ------------------------------------------------------------------------------
@@ -263,7 +277,7 @@ def test_daert_full_values_are_valid_daert_values(overlay: list[str]) -> None:
         s["metadata"]["name"]: s["spec"]["ports"][0]["port"] for s in rendered.of("Service")
     }
     # Airflow's DAG tasks are pointed at Services that exist, on their ports (the ones that
-    # are on by default; generation and context once they ship).
+    # are on by default: generation and context among them).
     for entry in values["airflow"]["env"]:
         host, port = entry["value"].split(":")
         name = host.removeprefix("daert-")
@@ -279,4 +293,9 @@ def test_daert_full_values_are_valid_daert_values(overlay: list[str]) -> None:
         data = rendered.get("ConfigMap", "daert-retrieval")["data"]
         assert data["DAERT_RETRIEVAL_BACKEND"] == "weaviate"
         assert data["DAERT_RETRIEVAL_WEAVIATE_URL"].startswith("http://weaviate")
-        assert not rendered.of("StatefulSet")
+        # Retrieval no longer uses PostgreSQL (the LoRA router's adapter registry still does).
+        assert "DAERT_RETRIEVAL_DSN" not in data
+        egress = rendered.get("NetworkPolicy", "daert-retrieval")["spec"]["egress"]
+        assert "postgresql" not in str(egress)
+        assert rendered.names("StatefulSet") == {"daert-postgresql"}
+        assert not render({**values["daert"], "lora": {"enabled": False}}).of("StatefulSet")

@@ -5,13 +5,22 @@ NetworkPolicy; and its script, run here on a model folder made for the test."""
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.chart.conftest import FULLNAME, PROFILES, RELEASE, Rendered, render, render_error
+from tests.chart.conftest import (
+    FULLNAME,
+    OWN_SERVERS,
+    PROFILES,
+    RELEASE,
+    Rendered,
+    render,
+    render_error,
+)
 
 LLM = f"{FULLNAME}-llm"
 GGUF = "gemma-3-270m-q4_k_m.gguf"
@@ -251,17 +260,6 @@ def test_network_policy_never_admits_everyone() -> None:
     assert spec["ingress"][0]["from"] == [selector("generation")]
 
 
-OWN_SERVERS = {
-    "llm": {"enabled": False},
-    "generation": {
-        "config": {"models": [{"name": "llama", "backend": "openai", "url": "http://vllm:8000"}]}
-    },
-    "context": {
-        "config": {"tokenizers": [{"name": "llama", "kind": "huggingface", "path": "/models/t"}]}
-    },
-}
-
-
 def test_disabled_llm_leaves_nothing_behind() -> None:
     rendered = render(OWN_SERVERS)
     assert not rendered.component("llm")
@@ -367,3 +365,171 @@ def test_every_profile_runs_the_llm(profile: str) -> None:
     c = server(rendered)
     assert c["image"].startswith("ghcr.io/ggml-org/llama.cpp:server-b")
     assert c["resources"]["limits"]["memory"]
+
+
+# --- generation and context use it while their own settings are unset ------------------------
+
+
+def config_of(rendered: Rendered, name: str) -> dict[str, str]:
+    data: dict[str, str] = rendered.get("ConfigMap", f"{FULLNAME}-{name}")["data"]
+    return data
+
+
+def load(data: dict[str, str], settings_cls: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    import os
+
+    from daert.runtime.settings import load_settings
+
+    for key in list(os.environ):
+        if key.startswith("DAERT_"):
+            monkeypatch.delenv(key)
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    return load_settings(settings_cls)
+
+
+def llm_egress(rendered: Rendered, name: str) -> list[dict[str, Any]]:
+    spec = rendered.get("NetworkPolicy", f"{FULLNAME}-{name}")["spec"]
+    return [rule for rule in spec["egress"] if selector("llm") in rule.get("to", [])]
+
+
+def test_generation_serves_the_llm_when_no_models_are_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from daert.generation.config import GenerationSettings
+
+    data = config_of(render(), "generation")
+    assert json.loads(data["DAERT_GENERATION_MODELS"]) == [
+        {
+            "name": "gemma-3-270m",
+            "backend": "openai",
+            "url": f"http://{LLM}:8090",
+            "upstream_model": "gemma-3-270m",
+            "context_length": 4096,
+        }
+    ]
+    settings = load(data, GenerationSettings, monkeypatch)
+    (model,) = settings.models
+    assert (model.name, model.backend, model.url) == (
+        "gemma-3-270m",
+        "openai",
+        f"http://{LLM}:8090",
+    )
+    assert model.upstream_name == "gemma-3-270m" and model.context_length == 4096
+
+
+def test_the_generated_model_follows_the_llm_values() -> None:
+    values = {"llm": {"alias": "tiny", "contextSize": 8192, "port": 8091}}
+    (model,) = json.loads(config_of(render(values), "generation")["DAERT_GENERATION_MODELS"])
+    assert model["name"] == model["upstream_model"] == "tiny"
+    assert model["url"] == f"http://{LLM}:8091"
+    assert model["context_length"] == 8192
+    # Without one shared KV cache each slot has its share of the context.
+    values = {"llm": {"kvUnified": False, "contextSize": 8192, "parallel": 4}}
+    (model,) = json.loads(config_of(render(values), "generation")["DAERT_GENERATION_MODELS"])
+    assert model["context_length"] == 2048
+
+
+def test_user_models_are_used_unchanged() -> None:
+    models = [
+        {"name": "llama", "backend": "openai", "url": "http://vllm.llm:8000", "adapters": "router"},
+        {"name": "small", "backend": "ollama", "url": "http://ollama:11434", "keep_alive": "5m"},
+    ]
+    for llm_on in (True, False):
+        values: dict[str, Any] = {**OWN_SERVERS, "llm": {"enabled": llm_on}}
+        values["generation"] = {"config": {"models": models}}
+        rendered = render(values)
+        assert json.loads(config_of(rendered, "generation")["DAERT_GENERATION_MODELS"]) == models
+        # The llm pods are reachable only while the llm runs.
+        assert bool(llm_egress(rendered, "generation")) is llm_on
+    # Models from a Secret are the user's too: the chart sets none.
+    values = {**OWN_SERVERS, "generation": {"secretEnv": {"models": {"name": "m", "key": "k"}}}}
+    assert "DAERT_GENERATION_MODELS" not in config_of(render(values), "generation")
+
+
+def test_without_models_or_llm_the_chart_says_what_to_set() -> None:
+    error = render_error({"llm": {"enabled": False}})
+    assert "generation.config.models is not set and llm.enabled is false" in error.stderr
+    assert "list your LLM servers in generation.config.models" in error.stderr
+    # Context likewise needs tokenizers once there is no llm to count with.
+    error = render_error({"llm": {"enabled": False}, "generation": OWN_SERVERS["generation"]})
+    assert "context.config.tokenizers is not set and llm.enabled is false" in error.stderr
+    # Neither is asked for when its service is off.
+    values = {
+        "llm": {"enabled": False},
+        "generation": {"enabled": False},
+        "context": {"enabled": False},
+    }
+    assert not render(values).component("generation")
+
+
+def test_context_counts_tokens_with_the_llm_and_summarizes_through_generation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from daert.context.config import ContextSettings
+
+    rendered = render()
+    data = config_of(rendered, "context")
+    assert json.loads(data["DAERT_CONTEXT_TOKENIZERS"]) == [
+        {"name": "gemma-3-270m", "kind": "llama_cpp", "url": f"http://{LLM}:8090"}
+    ]
+    assert data["DAERT_CONTEXT_REDIS_URL"] == f"redis://{FULLNAME}-redis:6379/0"
+    assert data["DAERT_CONTEXT_SUMMARY_MODEL"] == ""
+    assert data["DAERT_CONTEXT_KEEP_LAST_MESSAGES"] == "8"
+    assert data["DAERT_CONTEXT_SUMMARY_TTL_S"] == "604800"
+    assert data["DAERT_GENERATION_TARGET"] == f"{FULLNAME}-generation:50051"
+    assert data["DAERT_EMBEDDING_TARGET"] == f"{FULLNAME}-embedding:50052"
+    deployment = rendered.get("Deployment", f"{FULLNAME}-context")
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DAERT_CONTEXT_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": f"{FULLNAME}-redis",
+        "key": "password",
+    }
+    settings = load(data, ContextSettings, monkeypatch)
+    (tokenizer,) = settings.tokenizers
+    assert (tokenizer.kind, tokenizer.url) == ("llama_cpp", f"http://{LLM}:8090")
+    assert settings.summary_model == "" and settings.keep_last_messages == 8
+    # The user's tokenizers and settings are used as given.
+    tokenizers = OWN_SERVERS["context"]["config"]["tokenizers"]
+    values = {"context": {"config": {"tokenizers": tokenizers, "summary_model": "llama"}}}
+    data = config_of(render(values), "context")
+    assert json.loads(data["DAERT_CONTEXT_TOKENIZERS"]) == tokenizers
+    assert data["DAERT_CONTEXT_SUMMARY_MODEL"] == "llama"
+
+
+@pytest.mark.parametrize("name", ["generation", "context"])
+def test_callers_may_reach_the_llm_pods(name: str) -> None:
+    assert llm_egress(render(), name) == [
+        {"to": [selector("llm")], "ports": [{"port": 8090, "protocol": "TCP"}]}
+    ]
+    assert not llm_egress(render(OWN_SERVERS), name)
+    # Nobody else may.
+    rendered = render({"gateway": {"enabled": True}})
+    for other in ("embedding", "retrieval", "rerank", "lora", "gateway"):
+        assert not llm_egress(rendered, other), other
+
+
+def test_dev_runs_a_small_llm() -> None:
+    rendered = render(files=PROFILES["dev"])
+    c = server(rendered)
+    assert c["resources"]["limits"]["memory"] == "768Mi"
+    assert c["args"][c["args"].index("-t") + 1] == "2"
+    assert rendered.get("Deployment", LLM)["spec"]["replicas"] == 1
+    assert "PodDisruptionBudget" not in {d["kind"] for d in rendered.component("llm")}
+    assert "DAERT_GENERATION_MODELS" in config_of(rendered, "generation")
+
+
+def test_prod_runs_the_llm_highly_available_or_your_own_servers() -> None:
+    rendered = render(files=PROFILES["prod"])
+    assert rendered.get("Deployment", LLM)["spec"]["replicas"] == 2
+    pdb = rendered.get("PodDisruptionBudget", LLM)
+    assert pdb["spec"]["minAvailable"] == 1
+    (model,) = json.loads(config_of(rendered, "generation")["DAERT_GENERATION_MODELS"])
+    assert model["url"] == f"http://{LLM}:8090"
+    # With your own servers and the llm off, the prod profile renders without it.
+    own = render(OWN_SERVERS, files=PROFILES["prod"])
+    assert not own.component("llm")
+    assert (
+        json.loads(config_of(own, "generation")["DAERT_GENERATION_MODELS"])
+        == (OWN_SERVERS["generation"]["config"]["models"])
+    )

@@ -77,7 +77,13 @@ def test_each_service_reaches_only_what_it_needs() -> None:
             "embedding": [50052],
             "llm": [8090],
         },
-        "context": {"dns": [53, 53], "generation": [50051], "redis": [6379], "llm": [8090]},
+        "context": {
+            "dns": [53, 53],
+            "generation": [50051],
+            "embedding": [50052],
+            "redis": [6379],
+            "llm": [8090],
+        },
         "lora": {"dns": [53, 53], "postgresql": [5432], "redis": [6379], "embedding": [50052]},
         "gateway": {
             "dns": [53, 53],
@@ -186,7 +192,8 @@ def test_network_policies_can_be_turned_off() -> None:
 
 # --- secrets ----------------------------------------------------------------------------------
 
-SECRET_LIKE = re.compile(r"(password|passwd|secret|token|api_key|apikey)", re.IGNORECASE)
+# A token is a secret (HF_TOKEN, ..._API_TOKEN); tokenizers and token counts are not.
+SECRET_LIKE = re.compile(r"(password|passwd|secret|token$|api_key|apikey)", re.IGNORECASE)
 URL_WITH_PASSWORD = re.compile(r"://[^/@\s:]+:[^/@\s]+@")
 
 
@@ -216,6 +223,13 @@ def test_no_secret_values_in_config_maps(profile: str) -> None:
                         f"{deployment['metadata']['name']}: {entry['name']}"
                     )
                     assert "secretKeyRef" in entry["valueFrom"]
+
+
+def test_secret_like_names() -> None:
+    for name in ("DAERT_X_PASSWORD", "HF_TOKEN", "DAERT_GENERATION_API_KEY", "X_SECRET_FILE"):
+        assert SECRET_LIKE.search(name), name
+    for name in ("DAERT_CONTEXT_TOKENIZERS", "DAERT_CONTEXT_SUMMARY_CHUNK_TOKENS"):
+        assert not SECRET_LIKE.search(name), name
 
 
 def test_values_files_hold_no_secrets() -> None:

@@ -53,8 +53,11 @@ def test_the_chart_ports_are_the_registry_ports() -> None:
 
 def test_default_install_runs_the_services_that_exist() -> None:
     deployments = render().names("Deployment")
-    # The services, and the LLM server (llama.cpp).
-    assert deployments == {f"{FULLNAME}-{name}" for name in DEFAULT_ON} | {f"{FULLNAME}-llm"}
+    # The services, the LLM server (llama.cpp) and Redis (generation, context and lora use it).
+    assert deployments == {f"{FULLNAME}-{name}" for name in DEFAULT_ON} | {
+        f"{FULLNAME}-llm",
+        f"{FULLNAME}-redis",
+    }
     assert render().names("StatefulSet") == {f"{FULLNAME}-postgresql"}
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from tests.chart.conftest import ALL_ON, CHART, PROFILES, render, run_helm
+from tests.chart.conftest import ALL_ON, CHART, OWN_SERVERS, PROFILES, render, run_helm
 
 KUBERNETES_VERSIONS = ["1.29", "1.30", "1.31", "1.32"]
 # Kinds from CRDs: the Kubernetes schemas do not know them.
@@ -29,6 +29,12 @@ def _profiles() -> dict[str, list[dict[str, Any]]]:
     rendered = {name: render(files=files) for name, files in PROFILES.items()}
     rendered["all-on"] = render(ALL_ON)
     rendered["all-on-prod"] = render(ALL_ON, files=PROFILES["prod"])
+    # Generation and context on your own servers, without the chart's LLM server.
+    rendered["own-servers-prod"] = render(OWN_SERVERS, files=PROFILES["prod"])
+    # The LLM's model from the model cache instead of the model image.
+    rendered["llm-from-cache"] = render(
+        {"llm": {"model": {"source": "modelCache"}}, "modelCache": {"type": "pvc"}}
+    )
     return {name: r.docs for name, r in rendered.items()}
 
 

@@ -208,6 +208,36 @@ JSON list. */}}
 {{- printf "http://%s-llm:%d" (include "daert.fullname" .) (int .Values.llm.port) -}}
 {{- end -}}
 
+{{/* Settings a service gets from the llm workload when the user leaves them unset: generation's
+`models` (the llm as its one model) and context's `tokenizers` (the llm's tokenizer). Without
+the llm there is nothing to default to, and the chart says which values to set. A setting
+given in config or secretEnv is the user's and is used as it is. Takes
+(dict "root" $ "name" $name "config" $config "secretEnv" $secretEnv); returns a JSON map of
+setting -> value. */}}
+{{- define "daert.llm.defaults" -}}
+{{- $l := .root.Values.llm -}}
+{{- $out := dict -}}
+{{- $key := dict "generation" "models" "context" "tokenizers" | dig .name "" -}}
+{{- if and $key (not (hasKey .config $key)) (not (hasKey .secretEnv $key)) -}}
+{{- if not $l.enabled -}}
+{{- if eq .name "generation" -}}
+{{- fail "generation.config.models is not set and llm.enabled is false: list your LLM servers in generation.config.models (e.g. [{name: llama, backend: openai, url: \"http://vllm:8000\"}]) or set llm.enabled=true to serve the chart's llama.cpp server" -}}
+{{- else -}}
+{{- fail "context.config.tokenizers is not set and llm.enabled is false: list the tokenizers of your models in context.config.tokenizers (e.g. [{name: llama, kind: llama_cpp, url: \"http://llama-cpp:8080\"}] or kind huggingface with a path) or set llm.enabled=true" -}}
+{{- end -}}
+{{- end -}}
+{{- $url := include "daert.llm.url" .root -}}
+{{- if eq .name "generation" -}}
+{{- /* One shared KV cache: a request may fill the whole context; else each slot has its share. */ -}}
+{{- $window := ternary (int $l.contextSize) (div (int $l.contextSize) (int $l.parallel)) (eq (toString $l.kvUnified) "true") -}}
+{{- $_ := set $out "models" (list (dict "name" $l.alias "backend" "openai" "url" $url "upstream_model" $l.alias "context_length" $window)) -}}
+{{- else -}}
+{{- $_ := set $out "tokenizers" (list (dict "name" $l.alias "kind" "llama_cpp" "url" $url)) -}}
+{{- end -}}
+{{- end -}}
+{{- $out | toJson -}}
+{{- end -}}
+
 {{/* Whether any enabled service uses a data store (the argument's `store`). */}}
 {{- define "daert.storeUsed" -}}
 {{- $root := .root -}}

@@ -43,6 +43,9 @@ stores; secrets stay out (they are secretKeyRefs in the Deployment). */ -}}
 {{- end -}}
 {{- $_ := set $env (printf "%s%s" $prefix (upper $key)) (include "daert.envValue" $value) -}}
 {{- end -}}
+{{- range $key, $value := include "daert.llm.defaults" (dict "root" $root "name" $name "config" $config "secretEnv" $secretEnv) | fromJson -}}
+{{- $_ := set $env (printf "%s%s" $prefix (upper $key)) (include "daert.envValue" $value) -}}
+{{- end -}}
 {{- range $dep := $deps -}}
 {{- if has $dep $serviceNames -}}
 {{- $depSvc := index $V $dep -}}
