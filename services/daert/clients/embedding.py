@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from daert.clients.base import ServiceClient
 from daert.v1 import embedding_pb2, embedding_pb2_grpc
 
+# Inputs per Embed call: well under the service's per-request limit (256).
+EMBED_BATCH = 128
+
 
 class EmbeddingClient(ServiceClient):
     service, full_name = "embedding", "daert.v1.EmbeddingService"
@@ -22,11 +25,18 @@ class EmbeddingClient(ServiceClient):
         dimensions: int = 0,
         timeout_s: float | None = None,
     ) -> list[list[float]]:
-        """The common case: normalised vectors for `texts`, as plain lists."""
-        response = await self.stub.Embed(
-            embedding_pb2.EmbedRequest(
-                inputs=texts, model=model, input_type=input_type, dimensions=dimensions
-            ),
-            timeout=timeout_s,
-        )
-        return [list(v.values) for v in response.embeddings]
+        """The common case: normalised vectors for `texts` (any number: sent in batches the
+        service takes), as plain lists."""
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), EMBED_BATCH):
+            response = await self.stub.Embed(
+                embedding_pb2.EmbedRequest(
+                    inputs=texts[start : start + EMBED_BATCH],
+                    model=model,
+                    input_type=input_type,
+                    dimensions=dimensions,
+                ),
+                timeout=timeout_s,
+            )
+            vectors += [list(v.values) for v in response.embeddings]
+        return vectors

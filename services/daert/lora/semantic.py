@@ -20,13 +20,10 @@ import numpy.typing as npt
 
 from daert.clients import EmbeddingClient
 from daert.lora.model import AdapterRecord
-from daert.runtime.errors import ResourceExhausted, Unavailable
+from daert.runtime.errors import downstream_error
 from daert.v1 import embedding_pb2
 
 Matrix = npt.NDArray[np.float32]
-
-# Inputs per Embed call: well under the embedding service's per-request limit.
-_EMBED_BATCH = 128
 
 
 def adapter_texts(adapter: AdapterRecord) -> list[str]:
@@ -82,25 +79,15 @@ class SemanticMatcher:
         if self._client is None:
             # DAERT_EMBEDDING_TARGET names the service; one retry, as a route is waiting.
             self._client = EmbeddingClient(timeout_s=self._timeout_s, max_attempts=2)
-        client = self._client
-        rows: list[list[float]] = []
-        for start in range(0, len(texts), _EMBED_BATCH):
-            batch = texts[start : start + _EMBED_BATCH]
-            try:
-                rows += await client.embed_texts(
-                    batch,
-                    model=self._model,
-                    input_type=embedding_pb2.INPUT_TYPE_QUERY,
-                    timeout_s=self._timeout_s,
-                )
-            except grpc.aio.AioRpcError as exc:
-                message = (
-                    f'"auto" routing needs the embedding service at {client.target}, '
-                    f"which answered {exc.code().name}: {exc.details()}"
-                )
-                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise ResourceExhausted(message) from None
-                raise Unavailable(message) from None
+        try:
+            rows = await self._client.embed_texts(
+                texts,
+                model=self._model,
+                input_type=embedding_pb2.INPUT_TYPE_QUERY,
+                timeout_s=self._timeout_s,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise downstream_error(exc, '"auto" routing', self._client.target) from None
         matrix = np.asarray(rows, dtype=np.float32)
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         unit: Matrix = matrix / np.maximum(norms, 1e-12)

@@ -26,8 +26,9 @@ ModelT = TypeVar("ModelT", bound=ServedModel)
 class ModelSet(Generic[ModelT]):
     """Models by name; the first one given is the default, used when a request names none."""
 
-    def __init__(self, models: dict[str, ModelT]) -> None:
+    def __init__(self, models: dict[str, ModelT], kind: str = "model") -> None:
         self._models = models
+        self._kind = kind  # what the error for an unknown name calls them
         self.default = next(iter(models))
 
     def get(self, name: str) -> ModelT:
@@ -35,7 +36,9 @@ class ModelSet(Generic[ModelT]):
         model = self._models.get(name or self.default)
         if model is None:
             known = ", ".join(self._models)
-            raise NotFound(f"model {name!r} is not served here; known models: {known}")
+            raise NotFound(
+                f"{self._kind} {name!r} is not served here; known {self._kind}s: {known}"
+            )
         return model
 
     def items(self) -> ItemsView[str, ModelT]:

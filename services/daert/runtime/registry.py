@@ -33,6 +33,7 @@ SERVICES: dict[str, str] = {
     "retrieval": "daert.retrieval.app",
     "sandbox": "daert.sandbox.app",
     "lora": "daert.lora.app",
+    "context": "daert.context.app",
 }
 
 

@@ -25,27 +25,27 @@ _sym_db = _symbol_database.Default()
 from daert.v1 import common_pb2 as daert_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x61\x65rt/v1/context.proto\x12\x08\x64\x61\x65rt.v1\x1a\x15\x64\x61\x65rt/v1/common.proto\"\xa8\x02\n\x0f\x43ompressRequest\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.daert.v1.ChatMessage\x12\x14\n\x0ctoken_budget\x18\x02 \x01(\x05\x12\x1f\n\x12keep_last_messages\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12/\n\x08strategy\x18\x04 \x01(\x0e\x32\x1d.daert.v1.CompressionStrategy\x12\x11\n\ttokenizer\x18\x05 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x06 \x01(\t\x12\x15\n\rsummary_model\x18\x07 \x01(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x1a\n\x12summary_max_tokens\x18\t \x01(\x05\x42\x15\n\x13_keep_last_messages\"\x84\x02\n\x10\x43ompressResponse\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.daert.v1.ChatMessage\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x15\n\rtokens_before\x18\x03 \x01(\x05\x12\x14\n\x0ctokens_after\x18\x04 \x01(\x05\x12\x34\n\rstrategy_used\x18\x05 \x01(\x0e\x32\x1d.daert.v1.CompressionStrategy\x12\x1b\n\x13messages_compressed\x18\x06 \x01(\x05\x12\x16\n\x0esummary_reused\x18\x07 \x01(\x08\x12\x1e\n\x05usage\x18\x08 \x01(\x0b\x32\x0f.daert.v1.Usage\"P\n\x12\x43ountTokensRequest\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.daert.v1.ChatMessage\x12\x11\n\ttokenizer\x18\x02 \x01(\t\"P\n\x13\x43ountTokensResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x05\x12\x16\n\x0emessage_tokens\x18\x02 \x03(\x05\x12\x11\n\ttokenizer\x18\x03 \x01(\t\"D\n\x19\x44\x65leteConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"-\n\x1a\x44\x65leteConversationResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08*\xc8\x01\n\x13\x43ompressionStrategy\x12$\n COMPRESSION_STRATEGY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43OMPRESSION_STRATEGY_AUTO\x10\x01\x12$\n COMPRESSION_STRATEGY_ABSTRACTIVE\x10\x02\x12#\n\x1f\x43OMPRESSION_STRATEGY_EXTRACTIVE\x10\x03\x12!\n\x1d\x43OMPRESSION_STRATEGY_TRUNCATE\x10\x04\x32\x80\x02\n\x0e\x43ontextService\x12\x41\n\x08\x43ompress\x12\x19.daert.v1.CompressRequest\x1a\x1a.daert.v1.CompressResponse\x12J\n\x0b\x43ountTokens\x12\x1c.daert.v1.CountTokensRequest\x1a\x1d.daert.v1.CountTokensResponse\x12_\n\x12\x44\x65leteConversation\x12#.daert.v1.DeleteConversationRequest\x1a$.daert.v1.DeleteConversationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64\x61\x65rt/v1/context.proto\x12\x08\x64\x61\x65rt.v1\x1a\x15\x64\x61\x65rt/v1/common.proto\"\xa8\x02\n\x0f\x43ompressRequest\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.daert.v1.ChatMessage\x12\x14\n\x0ctoken_budget\x18\x02 \x01(\x05\x12\x1f\n\x12keep_last_messages\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12/\n\x08strategy\x18\x04 \x01(\x0e\x32\x1d.daert.v1.CompressionStrategy\x12\x11\n\ttokenizer\x18\x05 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x06 \x01(\t\x12\x15\n\rsummary_model\x18\x07 \x01(\t\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x1a\n\x12summary_max_tokens\x18\t \x01(\x05\x42\x15\n\x13_keep_last_messages\"\xb9\x02\n\x10\x43ompressResponse\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.daert.v1.ChatMessage\x12\x0f\n\x07summary\x18\x02 \x01(\t\x12\x15\n\rtokens_before\x18\x03 \x01(\x05\x12\x14\n\x0ctokens_after\x18\x04 \x01(\x05\x12\x34\n\rstrategy_used\x18\x05 \x01(\x0e\x32\x1d.daert.v1.CompressionStrategy\x12\x1b\n\x13messages_compressed\x18\x06 \x01(\x05\x12\x16\n\x0esummary_reused\x18\x07 \x01(\x08\x12\x1e\n\x05usage\x18\x08 \x01(\x0b\x32\x0f.daert.v1.Usage\x12\x1a\n\x12truncated_messages\x18\t \x03(\x05\x12\x17\n\x0f\x66\x61llback_reason\x18\n \x01(\t\"P\n\x12\x43ountTokensRequest\x12\'\n\x08messages\x18\x01 \x03(\x0b\x32\x15.daert.v1.ChatMessage\x12\x11\n\ttokenizer\x18\x02 \x01(\t\"P\n\x13\x43ountTokensResponse\x12\x0e\n\x06tokens\x18\x01 \x01(\x05\x12\x16\n\x0emessage_tokens\x18\x02 \x03(\x05\x12\x11\n\ttokenizer\x18\x03 \x01(\t\"D\n\x19\x44\x65leteConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"-\n\x1a\x44\x65leteConversationResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08*\xc8\x01\n\x13\x43ompressionStrategy\x12$\n COMPRESSION_STRATEGY_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43OMPRESSION_STRATEGY_AUTO\x10\x01\x12$\n COMPRESSION_STRATEGY_ABSTRACTIVE\x10\x02\x12#\n\x1f\x43OMPRESSION_STRATEGY_EXTRACTIVE\x10\x03\x12!\n\x1d\x43OMPRESSION_STRATEGY_TRUNCATE\x10\x04\x32\x80\x02\n\x0e\x43ontextService\x12\x41\n\x08\x43ompress\x12\x19.daert.v1.CompressRequest\x1a\x1a.daert.v1.CompressResponse\x12J\n\x0b\x43ountTokens\x12\x1c.daert.v1.CountTokensRequest\x1a\x1d.daert.v1.CountTokensResponse\x12_\n\x12\x44\x65leteConversation\x12#.daert.v1.DeleteConversationRequest\x1a$.daert.v1.DeleteConversationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'daert.v1.context_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSIONSTRATEGY']._serialized_start=903
-  _globals['_COMPRESSIONSTRATEGY']._serialized_end=1103
+  _globals['_COMPRESSIONSTRATEGY']._serialized_start=956
+  _globals['_COMPRESSIONSTRATEGY']._serialized_end=1156
   _globals['_COMPRESSREQUEST']._serialized_start=60
   _globals['_COMPRESSREQUEST']._serialized_end=356
   _globals['_COMPRESSRESPONSE']._serialized_start=359
-  _globals['_COMPRESSRESPONSE']._serialized_end=619
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=621
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=701
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=703
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=783
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=785
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=853
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=855
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=900
-  _globals['_CONTEXTSERVICE']._serialized_start=1106
-  _globals['_CONTEXTSERVICE']._serialized_end=1362
+  _globals['_COMPRESSRESPONSE']._serialized_end=672
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=674
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=754
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=756
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=836
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=838
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=906
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=908
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=953
+  _globals['_CONTEXTSERVICE']._serialized_start=1159
+  _globals['_CONTEXTSERVICE']._serialized_end=1415
 # @@protoc_insertion_point(module_scope)

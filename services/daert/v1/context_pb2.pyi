@@ -146,6 +146,8 @@ class CompressResponse(_message.Message):
     MESSAGES_COMPRESSED_FIELD_NUMBER: _builtins.int
     SUMMARY_REUSED_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    TRUNCATED_MESSAGES_FIELD_NUMBER: _builtins.int
+    FALLBACK_REASON_FIELD_NUMBER: _builtins.int
     summary: _builtins.str
     """The summary of the condensed turns; empty when nothing was summarised."""
     tokens_before: _builtins.int
@@ -160,6 +162,11 @@ class CompressResponse(_message.Message):
     """Number of input messages summarised or dropped."""
     summary_reused: _builtins.bool
     """True when a rolling summary stored for conversation_id was reused."""
+    fallback_reason: _builtins.str
+    """Why strategy_used differs from the requested strategy (AUTO fell back
+    because the generation or embedding service failed, or no room was left
+    for a summary); empty otherwise.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
         """The conversation within token_budget: pinned system message(s) first,
@@ -170,6 +177,12 @@ class CompressResponse(_message.Message):
     @_builtins.property
     def usage(self) -> _common_pb2.Usage:
         """Tokens spent by the generation service on summarising; zero when none."""
+
+    @_builtins.property
+    def truncated_messages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Indexes in `messages` of kept messages whose content was cut to fit: a
+        single turn larger than the whole budget is cut, never silently dropped.
+        """
 
     def __init__(
         self,
@@ -182,10 +195,12 @@ class CompressResponse(_message.Message):
         messages_compressed: _builtins.int = ...,
         summary_reused: _builtins.bool = ...,
         usage: _common_pb2.Usage | None = ...,
+        truncated_messages: _abc.Iterable[_builtins.int] | None = ...,
+        fallback_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "messages_compressed", b"messages_compressed", "strategy_used", b"strategy_used", "summary", b"summary", "summary_reused", b"summary_reused", "tokens_after", b"tokens_after", "tokens_before", b"tokens_before", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_reason", b"fallback_reason", "messages", b"messages", "messages_compressed", b"messages_compressed", "strategy_used", b"strategy_used", "summary", b"summary", "summary_reused", b"summary_reused", "tokens_after", b"tokens_after", "tokens_before", b"tokens_before", "truncated_messages", b"truncated_messages", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
