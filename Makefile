@@ -15,6 +15,10 @@ GRPCURL_VERSION := v1.9.4
 HELM_VERSION := v3.21.4
 # The embedded Weaviate that `make up` and the tests run for DAERT_RETRIEVAL_BACKEND=weaviate.
 WEAVIATE_VERSION := v1.35.2
+# The embedded LLM server: llama.cpp's llama-server, built from the llama.cpp tree that the
+# llama-cpp-python sdist on PyPI carries (vendor/llama.cpp), cached per sdist version.
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+LLAMA_CACHE := $(TOOLS_CACHE)/llama-server-$(LLAMA_CPP_PYTHON_VERSION)
 
 # The packages sandboxed code may import, installed outside the clone, one folder per version
 # of the list. As root, sandboxes run as uids of their own, which cannot read root's home.
@@ -34,7 +38,7 @@ export DAERT_SANDBOX_PACKAGES_DIR ?= $(SANDBOX_PACKAGES)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: system-packages $(VENV)/.installed $(SANDBOX_PACKAGES)/.installed $(TOOLS)/buf $(TOOLS)/grpcurl $(TOOLS)/helm $(TOOLS)/weaviate-server ## Debian packages, venv, Python deps, Go tools (idempotent)
+setup: system-packages $(VENV)/.installed $(SANDBOX_PACKAGES)/.installed $(TOOLS)/buf $(TOOLS)/grpcurl $(TOOLS)/helm $(TOOLS)/weaviate-server $(TOOLS)/llama-server ## Debian packages, venv, Python deps, Go tools, llama-server (idempotent)
 
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -52,7 +56,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@echo "installing Python dependencies (torch is large the first time; pip caches it)"
-	$(PY) -m pip install --quiet --progress-bar off -e '.[models,local,dev]'
+	$(PY) -m pip install --quiet --progress-bar off -e '.[models,local,llm,dev]'
 	@touch $@
 
 # go install <module>@<version> into a per-version cache folder, then link it here.
@@ -91,6 +95,30 @@ $(TOOLS)/weaviate-server:
 	  GOBIN=$(TOOLS_CACHE)/weaviate-$(WEAVIATE_VERSION) \
 	    go install github.com/weaviate/weaviate/cmd/weaviate-server@$(WEAVIATE_VERSION); }
 	@ln -sfn $(TOOLS_CACHE)/weaviate-$(WEAVIATE_VERSION)/weaviate-server $@
+
+# llama-server with its shared libraries beside it (RPATH $$ORIGIN), so the cached folder is
+# self-contained. About 11 minutes on two cores, once per version; BUILD_DIR keeps the objects
+# of an interrupted build.
+LLAMA_BUILD_DIR ?= $(TOOLS_CACHE)/llama-build-$(LLAMA_CPP_PYTHON_VERSION)
+$(TOOLS)/llama-server:
+	@mkdir -p $(TOOLS)
+	@test -x $(LLAMA_CACHE)/llama-server || { \
+	  echo "building llama-server from llama-cpp-python $(LLAMA_CPP_PYTHON_VERSION)'s llama.cpp (about 11 minutes, once)"; \
+	  set -e; mkdir -p $(LLAMA_BUILD_DIR); \
+	  test -d $(LLAMA_BUILD_DIR)/src || { \
+	    python3 -m pip download --quiet --no-deps --no-binary :all: -d $(LLAMA_BUILD_DIR) \
+	      llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION); \
+	    mkdir -p $(LLAMA_BUILD_DIR)/src; \
+	    tar -xzf $(LLAMA_BUILD_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz \
+	      -C $(LLAMA_BUILD_DIR)/src --strip-components=1; }; \
+	  cmake -S $(LLAMA_BUILD_DIR)/src/vendor/llama.cpp -B $(LLAMA_BUILD_DIR)/build \
+	    -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF \
+	    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF '-DCMAKE_BUILD_RPATH=$$ORIGIN' >/dev/null; \
+	  cmake --build $(LLAMA_BUILD_DIR)/build --target llama-server -j $$(nproc); \
+	  mkdir -p $(LLAMA_CACHE).tmp; \
+	  cp -a $(LLAMA_BUILD_DIR)/build/bin/llama-server $(LLAMA_BUILD_DIR)/build/bin/*.so* $(LLAMA_CACHE).tmp/; \
+	  rm -rf $(LLAMA_CACHE); mv $(LLAMA_CACHE).tmp $(LLAMA_CACHE); rm -rf $(LLAMA_BUILD_DIR); }
+	@ln -sfn $(LLAMA_CACHE)/llama-server $@
 
 up: setup ## run the whole stack locally (Ctrl-C stops it)
 	$(VENV)/bin/daert up

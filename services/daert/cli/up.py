@@ -6,9 +6,11 @@ A service whose backends live outside the stack (generation: an LLM server such 
 is waited for only until it answers health; if it is NOT_SERVING, the banner says so and
 its log says why. If one service dies, the others are stopped too: a half-running stack
 only confuses. Data services the chosen services need and were not pointed at (an embedded
-PostgreSQL for retrieval and the LoRA registry, or Weaviate; Redis for the generation cache
-and the LoRA router) are started first, with their data under the state folder, and stopped
-last.
+PostgreSQL for retrieval and the LoRA registry, or Weaviate; Redis for the generation cache,
+the LoRA router and rolling summaries; the embedded LLM, llama.cpp's llama-server with
+Gemma 3 270M, for generation and context) are started first, with their data under the
+state folder, and stopped last. The LLM is watched like the services: if it dies, the stack
+stops.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from daert.local.llm import EmbeddedLlm, LlmSettings, context_tokenizers, generation_models
 from daert.local.postgres import EmbeddedPostgres
 from daert.local.redis import EmbeddedRedis
 from daert.local.weaviate import EmbeddedWeaviate
@@ -78,8 +81,11 @@ async def _wait_serving(service: _Running, timeout_s: float) -> None:
             await asyncio.sleep(0.5)
 
 
-def _banner(services: list[_Running]) -> str:
+def _banner(services: list[_Running], watched: dict[str, EmbeddedLlm]) -> str:
     lines = ["", "daert stack is up:", ""]
+    if "llm" in watched:
+        llm = watched["llm"]
+        lines.append(f"  {'llm':<12} http {llm.url:<18} (llama.cpp server, OpenAI API at /v1)")
     for s in services:
         metrics = (
             f"http://localhost:{s.settings.metrics_port}/metrics"
@@ -100,6 +106,12 @@ def _banner(services: list[_Running]) -> str:
                 f"  {grpcurl} -plaintext -d '{s.spec.example_request}' {s.target} "
                 f"{s.spec.example_method}"
             )
+    if "llm" in watched:
+        lines.append(
+            f"  curl -s {watched['llm'].url}/v1/chat/completions "
+            "-H 'content-type: application/json' "
+            """-d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'"""
+        )
     lines += ["", "Ctrl-C stops everything.", ""]
     return "\n".join(lines)
 
@@ -117,8 +129,11 @@ async def _unless_stopped(stop: asyncio.Event, work: Awaitable[object]) -> bool:
     return False
 
 
-async def _first_exit(services: list[_Running]) -> None:
-    exits = {asyncio.ensure_future(s.process.wait()) for s in services}
+async def _first_exit(services: list[_Running], watched: dict[str, EmbeddedLlm]) -> None:
+    exits: set[asyncio.Future[int | None]] = {
+        asyncio.ensure_future(s.process.wait()) for s in services
+    }
+    exits |= {asyncio.ensure_future(asyncio.to_thread(c.wait)) for c in watched.values()}
     await asyncio.wait(exits, return_when=asyncio.FIRST_COMPLETED)
     for task in exits:
         task.cancel()
@@ -139,13 +154,40 @@ async def _stop_all(services: list[_Running], grace_s: float) -> None:
 
 # Services that keep data in PostgreSQL / Redis, found by their DSN / REDIS_URL settings.
 _NEEDS_POSTGRES = ("retrieval", "lora")
-_NEEDS_REDIS = ("generation", "lora")
+_NEEDS_REDIS = ("generation", "lora", "context")
+_NEEDS_LLM = ("generation", "context")
 
 
-def _start_data_services(names: list[str], state_dir: Path) -> list[Callable[[], None]]:
-    """Start what the services need and have no address for; returns how to stop each.
-    The addresses go into this process's environment, which the services inherit."""
-    stops: list[Callable[[], None]] = []
+@dataclass
+class _DataServices:
+    stops: list[Callable[[], None]]
+    watched: dict[str, EmbeddedLlm]  # children whose exit stops the stack
+
+
+def _start_llm(names: list[str], state_dir: Path, started: _DataServices) -> None:
+    """The embedded LLM, unless it is off or generation is configured with other models."""
+    settings = load_settings(LlmSettings)
+    if not settings.enabled or not any(n in names for n in _NEEDS_LLM):
+        return
+    if os.environ.get("DAERT_GENERATION_MODELS"):
+        _say("DAERT_GENERATION_MODELS is set: no embedded LLM (DAERT_LLM_ENABLED)")
+        return
+    llm = EmbeddedLlm(settings, state_dir / "llm")
+    _say(f"starting the embedded LLM (llama-server on port {settings.port}; log {llm.log_file})")
+    url = llm.start()
+    started.stops.append(llm.stop)
+    started.watched["llm"] = llm
+    per_request = settings.context_size // settings.parallel
+    os.environ["DAERT_GENERATION_MODELS"] = generation_models(url, per_request)
+    os.environ.setdefault("DAERT_CONTEXT_TOKENIZERS", context_tokenizers(url))
+    _say(f"the embedded LLM is up at {url} ({settings.parallel} slots of {per_request} tokens)")
+
+
+def _start_data_services(names: list[str], state_dir: Path, started: _DataServices) -> None:
+    """Start what the services need and have no address for, recording in `started` how to
+    stop each. The addresses go into this process's environment, which the services
+    inherit."""
+    stops = started.stops
     backend = os.environ.get("DAERT_RETRIEVAL_BACKEND", "pgvector")
     dsn_vars = [f"DAERT_{name.upper()}_DSN" for name in _NEEDS_POSTGRES if name in names]
     if "retrieval" in names and backend != "pgvector":
@@ -178,7 +220,7 @@ def _start_data_services(names: list[str], state_dir: Path) -> list[Callable[[],
         os.environ["DAERT_RETRIEVAL_WEAVIATE_GRPC_PORT"] = str(grpc_port)
         stops.append(weaviate.stop)
         _say(f"started the embedded Weaviate at {url} (data in {weaviate.data_dir})")
-    return stops
+    _start_llm(names, state_dir, started)
 
 
 async def _run(names: list[str], ready_timeout_s: float, state_dir: Path) -> int:
@@ -188,9 +230,9 @@ async def _run(names: list[str], ready_timeout_s: float, state_dir: Path) -> int
         loop.add_signal_handler(sig, stop.set)
 
     services: list[_Running] = []
-    stop_data_services: list[Callable[[], None]] = []
+    data = _DataServices([], {})
     try:
-        stop_data_services = await asyncio.to_thread(_start_data_services, names, state_dir)
+        await asyncio.to_thread(_start_data_services, names, state_dir, data)
         for name in names:
             spec = load_spec(name)
             settings = load_settings(spec.settings)
@@ -202,10 +244,11 @@ async def _run(names: list[str], ready_timeout_s: float, state_dir: Path) -> int
         all_serving = asyncio.gather(*(_wait_serving(s, ready_timeout_s) for s in services))
         if not await _unless_stopped(stop, all_serving):
             return 0
-        print(_banner(services), flush=True)
-        if not await _unless_stopped(stop, _first_exit(services)):
+        print(_banner(services, data.watched), flush=True)
+        if not await _unless_stopped(stop, _first_exit(services, data.watched)):
             return 0
         dead = [s.spec.name for s in services if s.process.returncode is not None]
+        dead += [name for name, child in data.watched.items() if child.poll() is not None]
         _say(f"{', '.join(dead)} exited; stopping the rest")
         return 1
     except (ConfigError, RuntimeError, TimeoutError) as exc:
@@ -215,7 +258,7 @@ async def _run(names: list[str], ready_timeout_s: float, state_dir: Path) -> int
         _say("stopping")
         grace = max((s.settings.grace_period_s for s in services), default=10.0) + 5
         await _stop_all(services, grace)
-        for stop_data_service in reversed(stop_data_services):
+        for stop_data_service in reversed(data.stops):
             await asyncio.to_thread(stop_data_service)
         _say("stopped")
 
