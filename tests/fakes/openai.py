@@ -89,32 +89,96 @@ usage chunk, no role-only chunk, no hold-back of stop strings; the whole answer 
 "content"}, "logprobs": null, "finish_reason"}], "usage"}``; an error inside the stream is
 ``generate_stream_internal``'s ``Event::from(InferError)``, ``{"error", "error_type"}`` of
 kind ``error_type`` (:func:`.tgi.tgi_error_text`), then ``data:[DONE]``, and a non-streaming
-request gets it with TGI's status. ``"llama.cpp"``: vLLM's shapes, except that an error
-inside the stream is sent the way llama.cpp's server did before its split into
-server-context.cpp (``server_sent_event(sink, "error", error_data)``): an ``error:`` field
-``{"code", "message", "type"}`` (``format_error_response``; here ``error_type`` validation
--> 400 ``invalid_request_error``, overloaded -> 503 ``unavailable_error``, else 500
-``server_error``), then ``data: [DONE]``. TGI's chat also stops as TGI does
-(``max_new_tokens`` first, the stop sequence kept at the end of the text) and reports
-``FinishReason::format(true)``: ``stop`` (EOS), ``length``, ``stop_sequence``. Otherwise, in
-every flavour, the model's stopping rules, ``/v1/completions`` chunks and HTTP error bodies
-stay vLLM's.
+request gets it with TGI's status. TGI's chat also stops as TGI does (``max_new_tokens``
+first, the stop sequence kept at the end of the text) and reports
+``FinishReason::format(true)``: ``stop`` (EOS), ``length``, ``stop_sequence``; its
+``/v1/completions`` chunks and HTTP error bodies stay vLLM's.
+
+``"llama.cpp"``: llama.cpp's ``llama-server`` as built from commit 0c1e570 (the one ``make
+setup`` builds; ``system_fingerprint`` :data:`LLAMA_CPP_BUILD`), from its ``tools/server/``
+(server.cpp routes, server-context.cpp ``handle_completions_impl`` and ``process_token``,
+server-task.cpp the results' JSON, server-common.cpp ``oaicompat_chat_params_parse`` and
+``format_error_response``, server-schema.cpp the request fields) and checked against the
+real server by ``tests/integration/test_llama_cpp_fake_fidelity.py``; nothing of vLLM's:
+
+* Routes: ``GET /health`` and ``/v1/health`` -> ``{"status": "ok"}``; ``GET /v1/models`` and
+  ``/models`` -> ``{"models": [an Ollama-style entry], "object": "list", "data": [{"id",
+  "aliases", "tags", "object": "model", "created", "owned_by": "llamacpp", "meta": {...,
+  "n_ctx"}}]}``; ``POST /v1/chat/completions``, ``/chat/completions``, ``/v1/completions``;
+  anything else (``/version``, a GET to a POST route) 404 ``{"error": {"message": "File Not
+  Found", "type": "not_found_error", "code": 404}}``. JSON is sent as ``application/json;
+  charset=utf-8``, streams as ``text/event-stream``.
+* ``model`` is not checked: the loaded model answers, named by its alias (the first of
+  ``models``). Ids are ``chatcmpl-`` and 32 random letters and digits, for completions too
+  (``X-Request-Id`` is not read).
+* Answers: chat ``{"choices": [{"finish_reason", "index", "message": {"role", "content"}}],
+  "created", "model", "system_fingerprint", "object": "chat.completion", "usage", "id",
+  "timings"}``; completions the same with ``{"text", "index", "logprobs": null,
+  "finish_reason"}`` choices and ``"object": "text_completion"``. ``usage`` is
+  ``{"completion_tokens", "prompt_tokens", "total_tokens", "prompt_tokens_details":
+  {"cached_tokens"}}`` (with ``n`` > 1 or several prompts, the first result's). There is no
+  ``stop_reason``: EOS and a stop string are both ``"stop"``, the limit (``max_tokens`` or the
+  slot's context) ``"length"``; EOS and stop strings are checked before the limit.
+* Streams: ``data: {json}\n\n`` events, then ``data: [DONE]``. Chat chunks are ``{"choices":
+  [{"finish_reason", "index", "delta"}], "created", "id", "model", "system_fingerprint",
+  "object": "chat.completion.chunk"}``: a role-only chunk ``{"role": "assistant", "content":
+  null}`` with the first token, a ``{"content"}`` chunk for each token with text to send
+  (none for EOS), then ``finish_reason`` with ``"delta": {}``, then, with
+  ``stream_options.include_usage`` (false by default; ``{}`` asks for none), ``{"choices":
+  [], ..., "usage"}``; ``timings`` ride on the last of them. Completions: a chunk per token
+  (``""`` for EOS and for text held back), then ``{"text": "", "finish_reason"}`` with
+  ``usage`` (whatever ``include_usage`` says) and ``timings``. A token's text is held back
+  while the unsent text ends with the beginning of a stop string; when the limit ends
+  generation there, that text is never streamed (the non-streamed answer has it).
+* Errors: ``{"error": {"code", "message", "type"}}`` with the status ``code``
+  (``format_error_response``: 400 ``invalid_request_error``, 500 ``server_error``, 503
+  ``unavailable_error``, ...). llama.cpp's messages for: "'messages' is required", "Expected
+  'messages' to be an array", a ``response_format`` type other than text / json_object /
+  json_schema, "[json.exception.out_of_range.403] key 'prompt' not found", server-schema.cpp's
+  "Field 'max_tokens': [json.exception.type_error.302] type must be number, but is string"
+  and "Field 'n': Value must be between 1 <= value <= {parallel}, but got 3" (``max_tokens``
+  -1..INT32_MAX, 0 acting as 1; sampling values out of range are clamped, not refused); a
+  body that is not JSON is 500 ``server_error``. A prompt of ``max_model_len`` tokens or more
+  is 400 ``exceed_context_size_error`` "request ({n} tokens) exceeds the available context
+  size ({L} tokens), try increasing it" with ``n_prompt_tokens`` and ``n_ctx``, streaming or
+  not (the first result of a stream, when it is an error, is answered with its status:
+  llama.cpp PR #16486); a prompt that fits, with ``max_tokens`` that does not, ends at the
+  context with ``"length"``. Accepted where vLLM refuses: an unknown model, ``stream_options``
+  without ``stream``, ``json_schema`` without its schema; ``repetition_penalty`` and
+  ``structured_outputs`` are ignored (``/v1/completions`` is constrained to JSON only by a
+  top-level ``json_schema``).
+* Injected errors (``error_after_tokens``; ``error_type`` validation -> 400
+  ``invalid_request_error``, overloaded -> 503 ``unavailable_error``, else 500
+  ``server_error``): a non-streaming request gets the error answer; a stream gets a
+  validation or overloaded error due before any token as that answer too (llama.cpp's
+  checks run before the stream starts), any other as ``data: {"error": {"code", "message",
+  "type"}}\n\n`` and the end of the body, *without* ``[DONE]`` (``handle_completions_impl``'s
+  ``format_error``). ``legacy_errors=True`` is the one-file server.cpp of before PR #16486
+  (October 2025) and the split into server-http.cpp / server-context.cpp: every error of a
+  stream that answered 200, the first included, as an SSE ``error:`` field ``{"code", "message",
+  "type"}`` (``server_sent_event(sink, "error", error_data)``), which SSE client libraries
+  drop, then ``data: [DONE]``; the chunks stay the current ones.
 
 Simplifications: prompts are not chat-templated (prompt = message contents joined by a
-space); ``logprobs``, tools, ``echo``, beam search, token-id prompts and
-``continuous_usage_stats`` are not modelled; body/type errors are 400 ``BadRequestError``
-with a short message instead of pydantic's text.
+space, and no BOS token is counted); ``logprobs``, tools, ``echo``, beam search,
+token-id prompts and ``continuous_usage_stats`` are not modelled; vLLM's body/type errors are
+400 ``BadRequestError`` with a short message instead of pydantic's text; llama.cpp's prompt
+cache is not modelled (``cached_tokens`` 0), its ``timings`` are invented numbers, a JSON
+parse error's message is Python's, and grammars, ``n_probs``, SSE pings and the non-OpenAI
+routes (``/completion``, ``/tokenize``, ``/slots``, ...) are absent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
+import string
 import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal, TypeGuard
+from typing import Any, ClassVar, Literal, NoReturn, TypeGuard
 
 from aiohttp import web
 
@@ -124,13 +188,31 @@ from .tgi import TGI_ERRORS, tgi_error_text
 _JSON = {"Content-Type": "application/json"}
 _SSE = {"Content-Type": "text/event-stream; charset=utf-8"}
 Flavour = Literal["vllm", "tgi", "llama.cpp"]
-#: llama.cpp's ``format_error_response`` (code, type) for an ``error_type``.
 # TGI's FinishReason::format(true) (router/src/lib.rs): only EOS becomes OpenAI's "stop".
 _TGI_FINISH = {"eos": "stop", "length": "length", "stop": "stop_sequence"}
-_LLAMA_CPP_ERRORS = {
-    "validation": (400, "invalid_request_error"),
-    "overloaded": (503, "unavailable_error"),
+
+#: The llama-server build the llama.cpp flavour reproduces, as ``llama_build_info()`` names it
+#: (``b{build number}-{commit}``; a build from a source tree without git history is ``b1``).
+LLAMA_CPP_BUILD = "b1-0c1e570"
+#: llama.cpp's ``format_error_response``: HTTP status -> ``type``.
+_LLAMA_CPP_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    500: "server_error",
+    501: "not_supported_error",
+    503: "unavailable_error",
 }
+#: The status of an injected error of this ``error_type`` (any other: 500 ``server_error``).
+_LLAMA_CPP_ERRORS = {"validation": 400, "overloaded": 503}
+_LLAMA_CPP_JSON = {"Content-Type": "application/json; charset=utf-8"}
+_LLAMA_CPP_SSE = {"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
+_TYPE_ERROR = "[json.exception.type_error.302]"
+_ID_CHARS = string.digits + string.ascii_uppercase + string.ascii_lowercase
+#: What ``GET /v1/models`` says about the model (``meta``): Gemma 3 270M's numbers.
+_LLAMA_CPP_META = {"vocab_type": 1, "n_vocab": 262144, "n_ctx_train": 32768, "n_embd": 640,
+                   "n_params": 268098176, "size": 246587904, "ftype": "Q4_K - Medium"}  # fmt: skip
 
 
 def vllm_error(
@@ -148,6 +230,12 @@ def vllm_error(
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
+def llama_cpp_error(message: str, code: int = 400, err_type: str | None = None) -> dict[str, Any]:
+    """llama.cpp's error body, ``{"error": format_error_response(message, type)}``."""
+    kind = err_type or _LLAMA_CPP_TYPES.get(code, "server_error")
+    return {"error": {"code": code, "message": message, "type": kind}}
+
+
 def _f(value: Any) -> str:
     """How ``f"{x}"`` prints a pydantic ``float`` field (ints become ``1.0``)."""
     return repr(float(value)) if isinstance(value, int | float) else str(value)
@@ -162,7 +250,12 @@ class FakeOpenAI(FakeLLMServer):
 
     ``models``: the served model names (``--served-model-name``); responses name the first.
     ``enable_lora``: expose the runtime LoRA endpoints; ``lora_modules``: adapters loaded at
-    start (``--lora-modules name=path``).
+    start (``--lora-modules name=path``). ``version``: vLLM's ``/version`` (and TGI's
+    ``system_fingerprint``), or llama.cpp's build (:data:`LLAMA_CPP_BUILD`).
+
+    llama.cpp flavour: ``max_model_len`` is a slot's context (``--ctx-size`` / ``--parallel``),
+    ``parallel`` the slots (``n`` may be 1..parallel), ``legacy_errors`` the old server.cpp's
+    ``error:`` field for errors inside a stream.
     """
 
     inference_paths: ClassVar[frozenset[str]] = frozenset(
@@ -179,8 +272,9 @@ class FakeOpenAI(FakeLLMServer):
         max_loras: int | None = None,
         lora_modules: Mapping[str, str] | None = None,
         legacy_errors: bool = False,
-        version: str = "0.11.0",
+        version: str | None = None,
         flavour: Flavour = "vllm",
+        parallel: int = 2,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -193,8 +287,9 @@ class FakeOpenAI(FakeLLMServer):
         self.enable_lora = enable_lora
         self.max_loras = max_loras
         self.legacy_errors = legacy_errors
-        self.version = version
         self.flavour = flavour
+        self.version = version or (LLAMA_CPP_BUILD if flavour == "llama.cpp" else "0.11.0")
+        self.parallel = parallel
         #: LoRA paths the "engine" cannot find: loading one answers vLLM's 404.
         self.missing_lora_paths: set[str] = set()
         #: Seconds ``/v1/load_lora_adapter`` takes before it answers (weights being read).
@@ -230,14 +325,17 @@ class FakeOpenAI(FakeLLMServer):
         json_mode: bool = False,
         chat: bool = True,
     ) -> Generation:
-        """What a request with this prompt generates: vLLM's stop rules, or TGI's for chat
-        in the ``"tgi"`` flavour (the stop sequence stays in the text). For chat, the
-        prompt is the message contents joined by a space; ``max_tokens`` None means
-        ``max_model_len - prompt tokens``, as vLLM does."""
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        """What a request with this prompt generates: vLLM's stop rules (llama.cpp's are the
+        same), or TGI's for chat in the ``"tgi"`` flavour (the stop sequence stays in the
+        text). For chat, the prompt is the message contents joined by a space; ``max_tokens``
+        None means ``max_model_len - prompt tokens``, as vLLM and llama.cpp do."""
+        stops = [stop] if isinstance(stop, str) else [s for s in stop or () if s]
         prompt_tokens = len(prompt.split())
-        limit = self.max_model_len - prompt_tokens
-        if max_tokens is not None:
+        limit = self.max_model_len - prompt_tokens  # llama.cpp: the slot's context fills up
+        if self.flavour == "llama.cpp":
+            if max_tokens is not None and max_tokens >= 0:  # -1: no limit
+                limit = min(limit, max(1, max_tokens))  # checked after a token: 0 acts as 1
+        elif max_tokens is not None:
             limit = min(limit, max_tokens)
         tgi = self.flavour == "tgi" and chat
         return self.generate(
@@ -261,13 +359,20 @@ class FakeOpenAI(FakeLLMServer):
         times: int = 1,
         param: str | None = None,
     ) -> None:
-        """Queue vLLM-shaped errors for the next inference requests."""
+        """Queue vLLM-shaped errors (llama.cpp's in that flavour, ``type`` from the status
+        unless ``err_type`` is given) for the next inference requests."""
+        if self.flavour == "llama.cpp":
+            kind = None if err_type == "BadRequestError" else err_type
+            self.fail_next(status, llama_cpp_error(message, status, kind), times)
+            return
         self.fail_next(
             status, vllm_error(message, err_type, status, param, legacy=self.legacy_errors), times
         )
 
     def models_body(self) -> dict[str, Any]:
         """The ``GET /v1/models`` body."""
+        if self.flavour == "llama.cpp":
+            return self._llama_models_body()
         cards = [
             self._card(name, self.model_path, None, self.max_model_len) for name in self.models
         ]
@@ -276,6 +381,17 @@ class FakeOpenAI(FakeLLMServer):
 
     # ---------------------------------------------------------------- routing
     def _add_routes(self, app: web.Application) -> None:
+        if self.flavour == "llama.cpp":
+            # tools/server/server.cpp's routes (those the fake models).
+            app.router.add_get("/health", self._health)
+            app.router.add_get("/v1/health", self._health)
+            app.router.add_get("/models", self._models)
+            app.router.add_get("/v1/models", self._models)
+            app.router.add_post("/v1/chat/completions", self._chat)
+            app.router.add_post("/chat/completions", self._chat)
+            app.router.add_post("/v1/completions", self._completions)
+            app.router.add_route("*", "/{tail:.*}", self._not_found)
+            return
         app.router.add_get("/health", self._health)
         app.router.add_get("/version", self._version)
         app.router.add_get("/v1/models", self._models)
@@ -287,16 +403,23 @@ class FakeOpenAI(FakeLLMServer):
         app.router.add_route("*", "/{tail:.*}", self._not_found)
 
     async def _not_found(self, request: web.Request) -> web.Response:
+        if self.flavour == "llama.cpp":
+            # server-http.cpp's error handler: any path or method without a handler.
+            body = {"error": {"message": "File Not Found", "type": "not_found_error", "code": 404}}
+            return self._json(body, 404, _LLAMA_CPP_JSON)
         return self._json({"detail": "Not Found"}, 404)
 
     async def _health(self, request: web.Request) -> web.Response:
+        if self.flavour == "llama.cpp":
+            return self._json({"status": "ok"}, 200, _LLAMA_CPP_JSON)
         return web.Response(status=200)
 
     async def _version(self, request: web.Request) -> web.Response:
         return self._json({"version": self.version})
 
     async def _models(self, request: web.Request) -> web.Response:
-        return self._json(self.models_body())
+        headers = _LLAMA_CPP_JSON if self.flavour == "llama.cpp" else _JSON
+        return self._json(self.models_body(), 200, headers)
 
     def _card(
         self, name: str, root: str, parent: str | None, max_len: int | None
@@ -386,6 +509,8 @@ class FakeOpenAI(FakeLLMServer):
             return abort.response
 
     async def _serve(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        if self.flavour == "llama.cpp":
+            return await self._llama_serve(request, chat=chat)
         req = await self._read_json(request)
         if not isinstance(req, dict):
             raise _Abort(self._error("Invalid request body: expected a JSON object."))
@@ -670,15 +795,276 @@ class FakeOpenAI(FakeLLMServer):
             return resp
         return await self._finish(request, resp)
 
+    # -------------------------------------------------------------- llama.cpp
+    # tools/server/: server-context.cpp (handlers, handle_completions_impl, process_token),
+    # server-common.cpp (oaicompat_chat_params_parse, format_error_response, format_oai_sse),
+    # server-schema.cpp (the request's fields), server-task.cpp (the JSON of each result).
+    async def _llama_serve(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            req: Any = json.loads(raw)
+        except ValueError as exc:
+            # json::parse throws a parse_error, which ex_wrapper answers as a server error.
+            message = f"[json.exception.parse_error.101] parse error: {exc}"
+            raise _Abort(self._llama_error(message, 500)) from None
+        prompts, json_mode = self._llama_prompts(req, chat)
+        stream, include_usage, n_predict, n = self._llama_fields(req)
+        for prompt in prompts:
+            count = len(prompt.split())
+            if count >= self.max_model_len:  # the slot's check, before the stream starts
+                message = (
+                    f"request ({count} tokens) exceeds the available context size "
+                    f"({self.max_model_len} tokens), try increasing it"
+                )
+                body = llama_cpp_error(message, 400, "exceed_context_size_error")
+                body["error"] |= {"n_prompt_tokens": count, "n_ctx": self.max_model_len}
+                raise _Abort(self._json(body, 400, _LLAMA_CPP_JSON))
+        stops = req.get("stop")
+        stop_list = [stops] if isinstance(stops, str) else [s for s in stops or () if s]
+        gens: list[Generation] = []
+        for prompt in prompts:
+            gen = self.generation(prompt, max_tokens=n_predict, stop=stop_list, json_mode=json_mode)
+            gens.extend([gen] * n)
+        await self._simulate_latency()
+        rid = "chatcmpl-" + "".join(secrets.choice(_ID_CHARS) for _ in range(32))  # both APIs
+        if stream:
+            return await self._llama_stream(request, rid, gens, stop_list, chat, include_usage)
+        return await self._llama_unary(request, rid, gens, chat)
+
+    def _llama_prompts(self, req: Any, chat: bool) -> tuple[list[str], bool]:
+        """The prompts, and whether the output is constrained to JSON."""
+        if not chat:
+            # /v1/completions reads data.at("prompt") itself; response_format is not read.
+            if not isinstance(req, dict):
+                message = f"[json.exception.type_error.304] cannot use at() with {_type(req)}"
+                raise _Abort(self._llama_error(message))
+            if "prompt" not in req:
+                message = "[json.exception.out_of_range.403] key 'prompt' not found"
+                raise _Abort(self._llama_error(message))
+            prompt = req["prompt"]
+            if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+                return list(prompt), req.get("json_schema") is not None
+            if not isinstance(prompt, str):
+                raise _Abort(
+                    self._llama_error(
+                        '"prompt" elements must be a string, a list of tokens, a JSON object '
+                        "containing a prompt string, or a list of mixed strings & tokens."
+                    )
+                )
+            return [prompt], req.get("json_schema") is not None
+        # oaicompat_chat_params_parse: response_format, then the messages.
+        body = req if isinstance(req, dict) else {}
+        json_mode = body.get("json_schema") is not None
+        if "response_format" in body:
+            rf = body["response_format"]
+            kind = rf.get("type", "") if isinstance(rf, dict) else ""
+            if kind in ("json_object", "json_schema"):
+                json_mode = True  # json_schema without a schema: any object
+            elif kind not in ("", "text"):
+                raise _Abort(
+                    self._llama_error(
+                        'response_format type must be one of "text" or "json_object", but '
+                        f"got: {kind}"
+                    )
+                )
+        if "messages" not in body:
+            raise _Abort(self._llama_error("'messages' is required"))
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            raise _Abort(self._llama_error("Expected 'messages' to be an array"))
+        for message in messages:
+            if not isinstance(message, dict) or (
+                message.get("role") != "assistant" and "content" not in message
+            ):
+                raise _Abort(self._llama_error("All non-assistant messages must contain 'content'"))
+        return [" ".join(_content_text(m.get("content")) for m in messages)], json_mode
+
+    def _llama_fields(self, req: dict[str, Any]) -> tuple[bool, bool, int | None, int]:
+        """server-schema.cpp's fields, in its order: ``stream``, ``include_usage``,
+        ``n_predict`` (or ``max_completion_tokens``, ``max_tokens``; -1..INT32_MAX), ``n``
+        (1..--parallel). Sampling fields are only type-checked (out-of-range values are
+        clamped); fields it does not know (``repetition_penalty``, ``structured_outputs``,
+        ``model``) are ignored, and any model name is answered by the one loaded."""
+        stream = _llama_field(req, ("stream",), bool)
+        opts = req.get("stream_options")
+        include_usage = (
+            _llama_field(opts, ("include_usage",), bool) if isinstance(opts, dict) else None
+        )
+        n_predict = _llama_field(
+            req, ("n_predict", "max_completion_tokens", "max_tokens"), int, (-1, 2**31 - 1)
+        )
+        n = _llama_field(req, ("n_cmpl", "n"), int, (1, self.parallel))
+        for name in ("top_k", "top_p", "min_p", "temperature", "repeat_penalty", "seed"):
+            _llama_field(req, (name,), float)
+        return bool(stream), bool(include_usage), n_predict, 1 if n is None else int(n)
+
+    @staticmethod
+    def _llama_error(message: str, code: int = 400) -> web.Response:
+        return _llama_json_error(message, code)
+
+    def _llama_models_body(self) -> dict[str, Any]:
+        name = self.models[0]
+        ollama = {"name": name, "model": name, "modified_at": "", "size": "", "digest": "",
+                  "type": "model", "description": "", "tags": [""],
+                  "capabilities": ["completion"], "parameters": "",
+                  "details": {"parent_model": "", "format": "gguf", "family": "",
+                              "families": [""], "parameter_size": "",
+                              "quantization_level": ""}}  # fmt: skip
+        meta = dict(_LLAMA_CPP_META)
+        meta = {"vocab_type": meta.pop("vocab_type"), "n_vocab": meta.pop("n_vocab"),
+                "n_ctx": self.max_model_len, **meta}  # fmt: skip
+        card = {"id": name, "aliases": list(self.models), "tags": [], "object": "model",
+                "created": self._created, "owned_by": "llamacpp", "meta": meta}  # fmt: skip
+        return {"models": [ollama], "object": "list", "data": [card]}
+
+    async def _llama_unary(
+        self, request: web.Request, rid: str, gens: list[Generation], chat: bool
+    ) -> web.StreamResponse:
+        steps = max(len(g.tokens) for g in gens)
+        for i in range(steps + 1):
+            fault = self._fault(i)
+            if fault == "drop":
+                self._drop(request)
+                raise _Abort(web.Response(status=200))
+            if fault == "error":
+                raise _Abort(self._llama_error(self._error_message, self._llama_error_code))
+            if i < steps:
+                await self._pace(i)
+        choices: list[dict[str, Any]] = []
+        for i, gen in enumerate(gens):
+            finish = _llama_finish(gen)
+            if chat:
+                message = {"role": "assistant", "content": gen.text}
+                choices.append({"finish_reason": finish, "index": i, "message": message})
+            else:
+                choices.append(
+                    {"text": gen.text, "index": i, "logprobs": None, "finish_reason": finish}
+                )
+        # With several results the choices are gathered into the first one's answer, usage
+        # and timings included.
+        body = {
+            "choices": choices,
+            "created": int(time.time()),
+            "model": self.models[0],
+            "system_fingerprint": self.version,
+            "object": "chat.completion" if chat else "text_completion",
+            "usage": _llama_usage(gens[0]),
+            "id": rid,
+            "timings": _llama_timings(gens[0]),
+        }
+        return self._json(body, 200, _LLAMA_CPP_JSON)
+
+    async def _llama_stream(
+        self,
+        request: web.Request,
+        rid: str,
+        gens: list[Generation],
+        stops: list[str],
+        chat: bool,
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        """Chat: a role chunk ``{"role": "assistant", "content": null}`` with the first
+        token, a content chunk per token that has text to send, then a chunk with
+        ``finish_reason`` and ``delta: {}``, then (``include_usage``) ``{"choices": [],
+        "usage"}``; ``timings`` on the last of these. Completions: a chunk per token (text
+        ``""`` for EOS or while a stop string may be starting), then a chunk with ``text:
+        ""``, ``finish_reason``, ``usage`` (always) and ``timings``. Then ``data: [DONE]``."""
+        model, created = self.models[0], int(time.time())
+        pieces = [_llama_pieces(gen, stops) for gen in gens]
+        if (
+            self._fault(0) == "error"
+            and self.error_type in _LLAMA_CPP_ERRORS
+            and not self.legacy_errors
+        ):
+            # An error before the prompt is processed (the checks) is the first result,
+            # which is answered as a non-streaming request would be.
+            return self._llama_error(self._error_message, self._llama_error_code)
+        resp = await self._open_stream(request, dict(_LLAMA_CPP_SSE))
+
+        def chat_chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            body = {"choices": choices, "created": created, "id": rid, "model": model,
+                    "system_fingerprint": self.version, "object": "chat.completion.chunk",
+                    **extra}  # fmt: skip
+            return b"data: " + compact_json(body) + b"\n\n"
+
+        def text_chunk(i: int, text: str, finish: str | None, **extra: Any) -> bytes:
+            choice = {"text": text, "index": i, "logprobs": None, "finish_reason": finish}
+            body: dict[str, Any] = {"choices": [choice], "created": created, "model": model,
+                                    "system_fingerprint": self.version,
+                                    "object": "text_completion"}  # fmt: skip
+            if "usage" in extra:
+                body["usage"] = extra.pop("usage")
+            body["id"] = rid
+            body.update(extra)
+            return b"data: " + compact_json(body) + b"\n\n"
+
+        def final(i: int, gen: Generation) -> bytes:
+            finish, timings = _llama_finish(gen), _llama_timings(gen)
+            if not chat:
+                return text_chunk(i, "", finish, usage=_llama_usage(gen), timings=timings)
+            end = [{"finish_reason": finish, "index": i, "delta": {}}]
+            if not include_usage:
+                return chat_chunk(end, timings=timings)
+            usage = chat_chunk([], usage=_llama_usage(gen), timings=timings)
+            return chat_chunk(end) + usage
+
+        steps = max(len(g.tokens) for g in gens)
+        for step in range(steps + 1):
+            fault = self._fault(step)
+            if fault == "drop":
+                self._drop(request)
+                return resp
+            if fault == "error":
+                await self._write(request, resp, self._llama_stream_error())
+                return await self._finish(request, resp)
+            if step == steps:
+                break
+            await self._pace(step)
+            out = b""
+            for i, gen in enumerate(gens):
+                if step >= len(gen.tokens):
+                    continue
+                last = step == len(gen.tokens) - 1
+                piece = pieces[i][step]
+                # A stop string is found before the token's result is sent: it has timings.
+                extra = {"timings": _llama_timings(gen)} if last and gen.stop_sequence else {}
+                if chat:
+                    deltas: list[dict[str, Any]] = []
+                    if step == 0:
+                        deltas.append({"role": "assistant", "content": None})
+                    if piece:
+                        deltas.append({"content": piece})
+                    for k, delta in enumerate(deltas):
+                        choice = {"finish_reason": None, "index": i, "delta": delta}
+                        out += chat_chunk([choice], **(extra if k == len(deltas) - 1 else {}))
+                else:
+                    out += text_chunk(i, piece, None, **extra)
+                if last:
+                    out += final(i, gen)
+            if not await self._write(request, resp, out):
+                return resp
+        if not await self._write(request, resp, b"data: [DONE]\n\n"):
+            return resp
+        return await self._finish(request, resp)
+
+    @property
+    def _llama_error_code(self) -> int:
+        return _LLAMA_CPP_ERRORS.get(self.error_type, 500)
+
+    def _llama_stream_error(self) -> bytes:
+        """An error after the stream started: ``data: {"error": {...}}`` and the end of
+        the body, no ``[DONE]`` (handle_completions_impl's ``format_error``); with
+        ``legacy_errors``, the old server.cpp's ``error: {...}`` field, then ``data: [DONE]``."""
+        body = llama_cpp_error(self._error_message, self._llama_error_code)
+        if self.legacy_errors:
+            return b"error: " + compact_json(body["error"]) + b"\n\ndata: [DONE]\n\n"
+        return b"data: " + compact_json(body) + b"\n\n"
+
     # ---------------------------------------------------------------- helpers
     def _stream_error(self) -> bytes:
         """The event for an error inside a started stream, in this flavour's form."""
         if self.flavour == "tgi":
             return b"data:" + compact_json(self._tgi_error_event()) + b"\n\n"
-        if self.flavour == "llama.cpp":
-            code, kind = _LLAMA_CPP_ERRORS.get(self.error_type, (500, "server_error"))
-            body = {"code": code, "message": self._error_message, "type": kind}
-            return b"error: " + compact_json(body) + b"\n\n"
         err = vllm_error(self._error_message, legacy=self.legacy_errors)
         return b"data: " + json.dumps(err).encode() + b"\n\n"
 
@@ -705,8 +1091,102 @@ class FakeOpenAI(FakeLLMServer):
         return self._json(vllm_error(message, err_type, status, legacy=self.legacy_errors), status)
 
     @staticmethod
-    def _json(body: Any, status: int = 200) -> web.Response:
-        return web.Response(status=status, body=compact_json(body), headers=dict(_JSON))
+    def _json(body: Any, status: int = 200, headers: Mapping[str, str] = _JSON) -> web.Response:
+        return web.Response(status=status, body=compact_json(body), headers=dict(headers))
+
+
+def _type(value: Any) -> str:
+    """nlohmann::json's ``type_name()`` of a JSON value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _llama_field(
+    req: dict[str, Any], names: Sequence[str], kind: type, limits: tuple[int, int] | None = None
+) -> Any:
+    """One server-schema.cpp field: the first of ``names`` present and not null, read as a
+    ``bool`` or a number (nlohmann's ``get<int>`` takes any number or a boolean, and
+    truncates); ``limits`` are hard (``Value must be between ...``)."""
+    for name in names:
+        value = req.get(name)
+        if value is None:
+            continue
+        if kind is bool and not isinstance(value, bool):
+            _field_error(name, f"{_TYPE_ERROR} type must be boolean, but is {_type(value)}")
+        if kind is not bool and not isinstance(value, int | float):
+            _field_error(name, f"{_TYPE_ERROR} type must be number, but is {_type(value)}")
+        if kind is int:
+            value = int(value)
+            if limits is not None and not limits[0] <= value <= limits[1]:
+                lo, hi = limits
+                _field_error(name, f"Value must be between {lo} <= value <= {hi}, but got {value}")
+        return value
+    return None
+
+
+def _field_error(name: str, message: str) -> NoReturn:
+    """handle_with_catch: the field's exception as an invalid_argument (400)."""
+    raise _Abort(_llama_json_error(f"Field '{name}': {message}"))
+
+
+def _llama_json_error(message: str, code: int = 400) -> web.Response:
+    """An error answer as ex_wrapper and ``res->error`` send it: status = ``code``."""
+    body = compact_json(llama_cpp_error(message, code))
+    return web.Response(status=code, body=body, headers=dict(_LLAMA_CPP_JSON))
+
+
+def _llama_finish(gen: Generation) -> str:
+    """STOP_TYPE_EOS and STOP_TYPE_WORD are "stop", STOP_TYPE_LIMIT "length"."""
+    return "length" if gen.finish == "length" else "stop"
+
+
+def _llama_usage(gen: Generation) -> dict[str, Any]:
+    """usage_json_oaicompat (no prompt cache in the fake: ``cached_tokens`` 0)."""
+    prompt, completion = gen.prompt_tokens, gen.completion_tokens
+    return {"completion_tokens": completion, "prompt_tokens": prompt,
+            "total_tokens": completion + prompt,
+            "prompt_tokens_details": {"cached_tokens": 0}}  # fmt: skip
+
+
+def _llama_timings(gen: Generation) -> dict[str, Any]:
+    """result_timings::to_json, for a fake that reads 500 prompt tokens/s and writes 50/s."""
+    prompt, predicted = gen.prompt_tokens, gen.completion_tokens
+    return {"cache_n": 0, "prompt_n": prompt, "prompt_ms": prompt * 2.0,
+            "prompt_per_token_ms": 2.0, "prompt_per_second": 500.0,
+            "predicted_n": predicted, "predicted_ms": predicted * 20.0,
+            "predicted_per_token_ms": 20.0, "predicted_per_second": 50.0}  # fmt: skip
+
+
+def _llama_pieces(gen: Generation, stops: Sequence[str]) -> list[str]:
+    """The text each token sends while streaming (process_token): all the text not sent
+    yet, unless it ends with the beginning of a stop string, which holds it back (``""``)
+    until a later token decides. The EOS token and the one that completes a stop string
+    send what is held; a token that reaches the limit does not, so that text never goes
+    out (the whole answer has it)."""
+    pieces: list[str] = []
+    sent = 0
+    for i, token in enumerate(gen.tokens):
+        text = gen.texts[i]
+        unsent = text[sent:]
+        stopped = i == len(gen.tokens) - 1 and gen.stop_sequence is not None
+        held = any(
+            unsent.endswith(stop[:k])
+            for stop in stops
+            for k in range(1, min(len(stop), len(unsent)) + 1)
+        )
+        if stopped or token.special or not held:
+            pieces.append(unsent)
+            sent = len(text)
+        else:
+            pieces.append("")
+    return pieces
 
 
 def _content_text(content: Any) -> str:
