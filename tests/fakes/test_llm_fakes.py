@@ -292,8 +292,9 @@ def test_tgi_messages_api_flavour() -> None:
         assert (r.status_code, r.json()["error_type"]) == (429, "overloaded")
 
 
-def test_llama_cpp_flavour_sends_stream_errors_as_an_error_field() -> None:
-    with FakeOpenAI(models=["base-model"], flavour="llama.cpp") as llama:
+def test_legacy_llama_cpp_sends_stream_errors_as_an_error_field() -> None:
+    """llama.cpp servers before the split into server-context.cpp (PR #16486)."""
+    with FakeOpenAI(models=["base-model"], flavour="llama.cpp", legacy_errors=True) as llama:
         llama.error_after_tokens, llama.error_type = (1, "context full"), "validation"
         body = {"messages": MESSAGES, "stream": True}
         _, text = read_stream(f"{llama.url}/v1/chat/completions", body)

@@ -74,6 +74,13 @@ def llama_cpp() -> Iterator[FakeOpenAI]:
 
 
 @pytest.fixture(scope="module")
+def llama_cpp_legacy() -> Iterator[FakeOpenAI]:
+    """A llama.cpp server from before PR #16486: errors in a stream as an `error:` field."""
+    with FakeOpenAI(models=["llama"], flavour="llama.cpp", legacy_errors=True) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
 def fakes(
     tgi: FakeTGI,
     tgi_spaced: FakeTGI,
@@ -81,9 +88,11 @@ def fakes(
     vllm: FakeOpenAI,
     tgi_messages: FakeOpenAI,
     llama_cpp: FakeOpenAI,
+    llama_cpp_legacy: FakeOpenAI,
 ) -> dict[str, FakeLLMServer]:
     return {"tgi": tgi, "tgi-spaced": tgi_spaced, "ollama": ollama, "vllm": vllm,
-            "tgi-messages": tgi_messages, "llama.cpp": llama_cpp}  # fmt: skip
+            "tgi-messages": tgi_messages, "llama.cpp": llama_cpp,
+            "llama.cpp-legacy": llama_cpp_legacy}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +112,8 @@ def generation(fakes: dict[str, FakeLLMServer]) -> Iterator[ServerProcess]:
         {"name": "tgi-messages", "backend": "openai", "url": url["tgi-messages"],
          "upstream_model": "tgi-model"},
         {"name": "llama.cpp", "backend": "openai", "url": url["llama.cpp"],
+         "upstream_model": "llama"},
+        {"name": "llama.cpp-legacy", "backend": "openai", "url": url["llama.cpp-legacy"],
          "upstream_model": "llama"},
         retry_backoff_s=0.05,
     )  # fmt: skip
@@ -353,6 +364,15 @@ async def test_llama_cpp_error_field_in_a_stream_is_not_dropped(
     llama_cpp.error_after_tokens = (2, "decode failed")
     llama_cpp.error_type = "generation"  # code 500
     messages = await stream(client, request("llama.cpp", stream=True))
+    assert_ended_by_error(messages, "Hello,", "decode failed")
+
+
+async def test_legacy_llama_cpp_error_field_in_a_stream_is_not_dropped(
+    client: GenerationClient, llama_cpp_legacy: FakeOpenAI
+) -> None:
+    llama_cpp_legacy.error_after_tokens = (2, "decode failed")
+    llama_cpp_legacy.error_type = "generation"  # an `error:` field with code 500
+    messages = await stream(client, request("llama.cpp-legacy", stream=True))
     assert_ended_by_error(messages, "Hello,", "decode failed")
 
 

@@ -15,13 +15,13 @@ import json
 import os
 import shutil
 import subprocess
-import time
-import urllib.error
-import urllib.request
+from functools import partial
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from daert.local.child import http_ok, terminate, wait_ready
 
 # The name the server answers to (`--alias`), and so the generation model's name.
 MODEL_NAME = "gemma-3-270m"
@@ -141,25 +141,14 @@ class EmbeddedLlm:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"llama-server exited with code {self.process.returncode}; see {self.log_file}"
-                )
-            if self.healthy():
-                return self.url
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"llama-server not ready within {timeout_s:.0f}s; see {self.log_file}")
-
-    def healthy(self) -> bool:
-        """True when /health answers 200 (503 while the model loads)."""
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=1.0) as reply:
-                return bool(reply.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+            # /health answers 503 while the model loads, 200 once it can serve.
+            ready = partial(http_ok, f"{self.url}/health")
+            wait_ready(self.process, ready, "llama-server", self.log_file, timeout_s, 0.2)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self.url
 
     def poll(self) -> int | None:
         """The exit code once the process has ended, else None."""
@@ -172,11 +161,4 @@ class EmbeddedLlm:
 
     def stop(self) -> None:
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)

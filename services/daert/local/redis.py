@@ -9,14 +9,9 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from daert.local.child import free_port, terminate, wait_ready
 
 
 class EmbeddedRedis:
@@ -25,7 +20,7 @@ class EmbeddedRedis:
 
     def __init__(self, data_dir: Path, *, port: int = 0, persist: bool = False) -> None:
         self.data_dir = data_dir.resolve()
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.persist = persist
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -56,17 +51,12 @@ class EmbeddedRedis:
             *save,
         ]  # fmt: skip
         self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"redis-server exited with code {self._process.returncode}; see {log_file}"
-                )
-            if self._answers_ping():
-                return self.url
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"redis-server did not answer within {timeout_s:.0f}s; see {log_file}")
+        try:
+            wait_ready(self._process, self._answers_ping, "redis-server", log_file, timeout_s, 0.02)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self.url
 
     def _answers_ping(self) -> bool:
         try:
@@ -79,11 +69,4 @@ class EmbeddedRedis:
     def stop(self) -> None:
         """SIGTERM: redis-server saves a snapshot first when persisting (idempotent)."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)

@@ -12,14 +12,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import IO
+
+from daert.local.child import free_port, http_ok, terminate, wait_ready
 
 WEAVIATE_BIN_ENV = "DAERT_WEAVIATE_BIN"
 TOOLS_CACHE = Path.home() / ".cache" / "daert" / "tools"
@@ -132,26 +131,8 @@ class EmbeddedWeaviate:
 
     def _wait_ready(self, timeout_s: float) -> None:
         assert self._process is not None
-        url = f"{self.http_url}/v1/.well-known/ready"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            code = self._process.poll()
-            if code is not None:
-                raise RuntimeError(
-                    f"the embedded Weaviate exited with status {code} while starting; "
-                    f"see {self.log_path}"
-                )
-            try:
-                with urllib.request.urlopen(url, timeout=1.0) as reply:
-                    if reply.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"the embedded Weaviate in {self.data_dir} was not ready within {timeout_s:g} s; "
-            f"see {self.log_path}"
-        )
+        ready = partial(http_ok, f"{self.http_url}/v1/.well-known/ready")
+        wait_ready(self._process, ready, "the embedded Weaviate", self.log_path, timeout_s)
 
     def _choose_ports(self) -> dict[str, int]:
         """The ports of the previous start when they are all free, else fresh ones."""
@@ -165,7 +146,7 @@ class EmbeddedWeaviate:
         taken: set[int] = set()
         gossip = 0
         for _ in range(100):
-            gossip = _ephemeral_port()
+            gossip = free_port()
             if gossip < 65535 and _free(gossip) and _free(gossip + 1):
                 break
         else:
@@ -174,9 +155,9 @@ class EmbeddedWeaviate:
         ports = {"gossip": gossip, "data": gossip + 1}
         for name in _PORT_NAMES:
             if name not in ports:
-                port = _ephemeral_port()
+                port = free_port()
                 while port in taken:
-                    port = _ephemeral_port()
+                    port = free_port()
                 taken.add(port)
                 ports[name] = port
         return {name: ports[name] for name in _PORT_NAMES}
@@ -184,22 +165,10 @@ class EmbeddedWeaviate:
     def stop(self, timeout_s: float = 20.0) -> None:
         """Stop the server: SIGTERM, then SIGKILL after `timeout_s`."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None
-
-
-def _ephemeral_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _free(port: int) -> bool:
