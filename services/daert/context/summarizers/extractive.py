@@ -1,15 +1,21 @@
 """EXTRACTIVE: no LLM. The summary is the most salient sentences of the turns (and of the
-summary so far), quoted verbatim in their order, chosen by maximal marginal relevance over
-embeddings from the embedding service: close to the centroid of everything said, far from
-what is already chosen, so distinct facts win over repetition."""
+summary so far), quoted verbatim in their order, chosen by maximal marginal relevance: a
+sentence's relevance is half how central it is (cosine to the centroid of everything said,
+over embeddings from the embedding service) and half how informative (the mean inverse
+document frequency of its words among all the sentences: names, numbers and identifiers
+are rare, small talk repeats), less its similarity to what is already chosen, so distinct
+facts win over repetition."""
 
 from __future__ import annotations
 
+import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
 from daert.clients import EmbeddingClient
 from daert.context.messages import Message
@@ -18,6 +24,7 @@ from daert.runtime.errors import downstream_error
 from daert.v1 import context_pb2, embedding_pb2
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_WORD = re.compile(r"\w+")
 # Relevance against redundancy in the marginal-relevance score.
 _RELEVANCE_WEIGHT = 0.6
 
@@ -30,6 +37,23 @@ def sentences(previous: str, turns: Sequence[Message]) -> list[str]:
         author, _, text = line.partition(": ")
         lines += [f"{author}: {s}" for s in _SENTENCE_END.split(text) if s.strip()]
     return lines
+
+
+def informativeness(lines: Sequence[str]) -> npt.NDArray[np.float32]:
+    """Each line's mean inverse document frequency over `lines`, scaled to [0, 1]."""
+    words = [set(_WORD.findall(line.partition(": ")[2].lower())) for line in lines]
+    frequency = Counter(word for line_words in words for word in line_words)
+    scores = np.asarray(
+        [
+            sum(math.log(len(lines) / frequency[w]) for w in line_words) / len(line_words)
+            if line_words
+            else 0.0
+            for line_words in words
+        ],
+        dtype=np.float32,
+    )
+    top = float(scores.max()) if len(scores) else 0.0
+    return scores / top if top > 0 else scores
 
 
 class ExtractiveSummarizer:
@@ -55,7 +79,8 @@ class ExtractiveSummarizer:
             return Summary("\n".join(lines))
         vectors = np.asarray(await self._embed(lines), dtype=np.float32)
         centroid = vectors.mean(axis=0)
-        relevance = vectors @ (centroid / max(float(np.linalg.norm(centroid)), 1e-12))
+        centrality = vectors @ (centroid / max(float(np.linalg.norm(centroid)), 1e-12))
+        relevance = 0.5 * centrality + 0.5 * informativeness(lines)
         chosen: list[int] = []
         redundancy = np.zeros(len(lines), dtype=np.float32)
         open_ = np.ones(len(lines), dtype=bool)
