@@ -108,9 +108,10 @@ $(TOOLS)/llama-server:
 	  test -d $(LLAMA_BUILD_DIR)/src || { \
 	    python3 -m pip download --quiet --no-deps --no-binary :all: -d $(LLAMA_BUILD_DIR) \
 	      llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION); \
-	    mkdir -p $(LLAMA_BUILD_DIR)/src; \
+	    rm -rf $(LLAMA_BUILD_DIR)/src.tmp; mkdir -p $(LLAMA_BUILD_DIR)/src.tmp; \
 	    tar -xzf $(LLAMA_BUILD_DIR)/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz \
-	      -C $(LLAMA_BUILD_DIR)/src --strip-components=1; }; \
+	      -C $(LLAMA_BUILD_DIR)/src.tmp --strip-components=1; \
+	    mv $(LLAMA_BUILD_DIR)/src.tmp $(LLAMA_BUILD_DIR)/src; }; \
 	  cmake -S $(LLAMA_BUILD_DIR)/src/vendor/llama.cpp -B $(LLAMA_BUILD_DIR)/build \
 	    -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=OFF \
 	    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF '-DCMAKE_BUILD_RPATH=$$ORIGIN' >/dev/null; \

@@ -56,18 +56,25 @@ def message(role: str, content: str) -> common_pb2.ChatMessage:
     return common_pb2.ChatMessage(role=value, content=content)
 
 
-def chat(turns: int, facts: dict[int, str] | None = None) -> list[common_pb2.ChatMessage]:
+def chat(
+    turns: int, facts: dict[int, str] | None = None, thread: str = ""
+) -> list[common_pb2.ChatMessage]:
     """A system prompt and `turns` alternating turns of small talk; `facts` replace the
-    user turns at their indexes."""
+    user turns at their indexes. Conversations of different `thread`s share no text, so
+    llama-server's prompt cache cannot make a cold run cheaper than it is."""
     messages = [common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content="You assist a team.")]
     for i in range(turns):
         topic = TOPICS[i % len(TOPICS)]
         if facts and i in facts:
             messages.append(message("user", facts[i]))
         elif i % 2 == 0:
-            messages.append(message("user", f"Any news about {topic}? This is message {i}."))
+            messages.append(
+                message("user", f"{thread}Any news about {topic}? This is message {i}.")
+            )
         else:
-            messages.append(message("assistant", f"Nothing new about {topic} yet, as of turn {i}."))
+            messages.append(
+                message("assistant", f"{thread}Nothing new about {topic} yet, as of turn {i}.")
+            )
     return messages
 
 
@@ -145,7 +152,7 @@ async def main(cold_runs: int, reused_runs: int, count_calls: int) -> None:
     with stack(Path(tempfile.mkdtemp(prefix="context-bench-"))) as target:
         async with ContextClient(target, timeout_s=600) as client:
             # 1. Rolling vs cold. The rolling conversation reaches TURNS turns on its 50th call.
-            full = chat(TURNS + 2 * reused_runs)
+            full = chat(TURNS + 2 * reused_runs, thread="[rolling] ")
             start = TURNS - 2 * (ROLLING_CALLS - 1)
             print(f"warming a rolling conversation: {ROLLING_CALLS - 1} calls", flush=True)
             for call in range(ROLLING_CALLS - 1):
@@ -164,7 +171,8 @@ async def main(cold_runs: int, reused_runs: int, count_calls: int) -> None:
                     assert reply.summary_reused, "the stored summary was not reused"
                     reused.append(seconds)
                 if run < cold_runs:
-                    seconds, reply = await timed(client, compress(full[: 1 + TURNS], BUDGET))
+                    cold_chat = chat(TURNS, thread=f"[cold {run}] ")
+                    seconds, reply = await timed(client, compress(cold_chat, BUDGET))
                     cold.append(seconds)
                 print(f"rolling vs cold: run {run + 1} done", flush=True)
 
