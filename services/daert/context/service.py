@@ -94,7 +94,7 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
             budget=request.token_budget,
             keep_last=keep_last,
             strategy=request.strategy or AUTO,
-            tokenizer=self._tokenizer(request.tokenizer),
+            tokenizer=self._tokenizers.get(request.tokenizer),
             tenant=request.tenant,
             conversation_id=request.conversation_id,
             summary_model=request.summary_model or self._settings.summary_model,
@@ -125,7 +125,7 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
         messages = parse_messages(
             request.messages, self._settings.max_messages, self._settings.max_request_chars
         )
-        tokenizer = self._tokenizer(request.tokenizer)
+        tokenizer = self._tokenizers.get(request.tokenizer)
         counted = await tokenizer.count(messages)
         return context_pb2.CountTokensResponse(
             tokens=counted.total, message_tokens=counted.per_message, tokenizer=tokenizer.name
@@ -137,8 +137,3 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
         require(bool(request.conversation_id), "conversation_id", "must not be empty")
         deleted = await self._rolling.delete(request.tenant, request.conversation_id)
         return context_pb2.DeleteConversationResponse(deleted=deleted)
-
-    # --- helpers ---------------------------------------------------------------------------
-
-    def _tokenizer(self, name: str) -> TemplatedTokenizer:
-        return self._tokenizers.get(name)

@@ -87,7 +87,9 @@ class SemanticMatcher:
                 timeout_s=self._timeout_s,
             )
         except grpc.aio.AioRpcError as exc:
-            raise downstream_error(exc, '"auto" routing', self._client.target) from None
+            raise downstream_error(
+                exc, '"auto" routing', self._client.service, self._client.target
+            ) from None
         matrix = np.asarray(rows, dtype=np.float32)
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         unit: Matrix = matrix / np.maximum(norms, 1e-12)

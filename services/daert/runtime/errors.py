@@ -83,12 +83,14 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def downstream_error(error: grpc.aio.AioRpcError, needed_for: str, target: str) -> ServiceError:
-    """The status to answer with when a daert service this one calls has failed: overload
-    stays RESOURCE_EXHAUSTED, anything else means the service we need is UNAVAILABLE.
-    `needed_for` says what it was called for."""
+def downstream_error(
+    error: grpc.aio.AioRpcError, needed_for: str, service: str, target: str
+) -> ServiceError:
+    """The status to answer with when the daert `service` this one calls (at `target`) has
+    failed: overload stays RESOURCE_EXHAUSTED, anything else means the service we need is
+    UNAVAILABLE. `needed_for` says what it was called for."""
     message = (
-        f"{needed_for} needs the service at {target}, which answered "
+        f"{needed_for} needs the {service} service at {target}, which answered "
         f"{error.code().name}: {error.details()}"
     )
     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:

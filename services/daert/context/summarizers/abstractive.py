@@ -63,7 +63,9 @@ class AbstractiveSummarizer:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound(f"summary_model: {exc.details()}") from None
-            raise downstream_error(exc, "abstractive summaries", self._client.target) from None
+            raise downstream_error(
+                exc, "abstractive summaries", self._client.service, self._client.target
+            ) from None
         return Summary(reply.text.strip(), reply.usage.prompt_tokens, reply.usage.completion_tokens)
 
     async def close(self) -> None:

@@ -105,7 +105,9 @@ class ExtractiveSummarizer:
                 lines, model=self._model, input_type=embedding_pb2.INPUT_TYPE_DOCUMENT
             )
         except grpc.aio.AioRpcError as exc:
-            raise downstream_error(exc, "extractive summaries", self._client.target) from None
+            raise downstream_error(
+                exc, "extractive summaries", self._client.service, self._client.target
+            ) from None
 
     async def close(self) -> None:
         if self._client is not None:
