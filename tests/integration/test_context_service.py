@@ -314,6 +314,20 @@ async def test_abstractive_summary_comes_from_the_generation_service(
     assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
 
 
+async def test_a_summary_the_server_sizes_is_at_most_a_quarter_chunk(
+    client: ContextClient, summarizer_llm: FakeOpenAI
+) -> None:
+    summarizer_llm.reset()
+    messages = conversation(60)
+    reply = await client.stub.Compress(
+        compress(messages, 900, keep_last_messages=4, strategy=S.COMPRESSION_STRATEGY_ABSTRACTIVE)
+    )
+    assert reply.strategy_used == S.COMPRESSION_STRATEGY_ABSTRACTIVE
+    # Far more room is left than that, but the summary so far and the next chunk must fit
+    # the summary model's context together (SUMMARY_CHUNK_TOKENS=400 here).
+    assert {r.json["max_tokens"] for r in summarizer_llm.requests_to(CHAT)} == {100}
+
+
 async def test_rolling_summary_is_reused_and_extended(
     client: ContextClient, summarizer_llm: FakeOpenAI
 ) -> None:

@@ -74,7 +74,9 @@ class ContextSettings(ServerSettings):
         1024,
         ge=64,
         description="Most tokens of conversation per summarisation call: longer histories "
-        "are folded into the summary chunk by chunk, so each call fits the model's context.",
+        "are folded into the summary chunk by chunk. An abstractive summary is at most a "
+        "quarter of this, so a call takes at most about 1.5 times this plus 150 tokens of the "
+        "summary model's context.",
     )
     summary_timeout_s: float = Field(
         120.0, gt=0, description="Longest wait for one summarisation call."

@@ -33,7 +33,9 @@ class ContextServicer(context_pb2_grpc.ContextServiceServicer):
             else None
         )
         self._rolling = RollingSummaries(redis, settings.summary_ttl_s)
-        abstractive = AbstractiveSummarizer(settings.summary_timeout_s)
+        abstractive = AbstractiveSummarizer(
+            settings.summary_timeout_s, settings.summary_chunk_tokens // 4
+        )
         extractive = ExtractiveSummarizer(settings.extractive_model, settings.summary_timeout_s)
         self._summarizers: dict[int, Summarizer] = {
             abstractive.strategy: abstractive,

@@ -1,4 +1,6 @@
-"""ABSTRACTIVE: the generation service writes the summary, greedy, bounded by max_tokens."""
+"""ABSTRACTIVE: the generation service writes the summary, greedy, bounded by max_tokens and
+by `longest`: the summary so far is part of the next prompt, so instructions, summary,
+chunk of turns and the new summary must all fit the summary model's context."""
 
 from __future__ import annotations
 
@@ -36,13 +38,15 @@ def summary_prompt(previous: str, turns: Sequence[Message], max_tokens: int) -> 
 class AbstractiveSummarizer:
     strategy = context_pb2.COMPRESSION_STRATEGY_ABSTRACTIVE
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, longest: int) -> None:
         self._timeout_s = timeout_s
+        self._longest = longest
         self._client: GenerationClient | None = None  # made on first use, inside the loop
 
     async def fold(
         self, previous: str, turns: Sequence[Message], max_tokens: int, job: Condensing
     ) -> Summary:
+        max_tokens = min(max_tokens, self._longest)
         if self._client is None:
             # DAERT_GENERATION_TARGET names the service. One attempt: a dead generation
             # service must fail fast (AUTO then falls back to EXTRACTIVE).
