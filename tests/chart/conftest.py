@@ -176,3 +176,15 @@ def copy_chart(dest: Path) -> Path:
     target = dest / "daert"
     shutil.copytree(CHART, target)
     return target
+
+
+# The restricted Pod Security Standard, as every container of the chart sets it.
+RESTRICTED_CONTAINER = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "privileged": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}

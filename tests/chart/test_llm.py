@@ -17,6 +17,7 @@ from tests.chart.conftest import (
     OWN_SERVERS,
     PROFILES,
     RELEASE,
+    RESTRICTED_CONTAINER,
     Rendered,
     render,
     render_error,
@@ -24,15 +25,6 @@ from tests.chart.conftest import (
 
 LLM = f"{FULLNAME}-llm"
 GGUF = "gemma-3-270m-q4_k_m.gguf"
-RESTRICTED_CONTAINER = {
-    "runAsNonRoot": True,
-    "runAsUser": 10001,
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "privileged": False,
-    "capabilities": {"drop": ["ALL"]},
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
 
 
 def pod_of(rendered: Rendered) -> dict[str, Any]:

@@ -13,20 +13,11 @@ from tests.chart.conftest import (
     DEFAULT_ON,
     FULLNAME,
     PROFILES,
+    RESTRICTED_CONTAINER,
     SERVICES,
     Rendered,
     render,
 )
-
-RESTRICTED_CONTAINER = {
-    "runAsNonRoot": True,
-    "runAsUser": 10001,
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "privileged": False,
-    "capabilities": {"drop": ["ALL"]},
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
 
 
 def ports_of(name: str) -> tuple[int, int]:
