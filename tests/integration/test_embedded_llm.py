@@ -93,9 +93,12 @@ async def test_generate_stream_delivers_the_answer_in_pieces(client: GenerationC
     assert last.timings.time_to_first_token.ToTimedelta().total_seconds() > 0
 
 
+@pytest.mark.parametrize("raw_prompt", [False, True], ids=["messages", "prompt"])
 async def test_a_json_schema_response_format_yields_json_that_validates(
-    client: GenerationClient,
+    client: GenerationClient, raw_prompt: bool
 ) -> None:
+    # A raw prompt goes to /v1/completions, which llama.cpp constrains only by a top-level
+    # json_schema (it ignores response_format and vLLM's structured_outputs there).
     schema = {
         "type": "object",
         "properties": {
@@ -109,6 +112,7 @@ async def test_a_json_schema_response_format_yields_json_that_validates(
         request(
             MODEL_NAME,
             "Give the largest city of Portugal as JSON.",
+            prompt=raw_prompt,
             params=generation_pb2.SamplingParams(temperature=0, max_tokens=60),
             response_format=generation_pb2.ResponseFormat(
                 type=generation_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=json.dumps(schema)

@@ -169,16 +169,17 @@ def _sampling(request: GenerationInput) -> dict[str, Any]:
 def _output(output: OutputFormat, *, chat: bool) -> dict[str, Any]:
     if output.kind == "regex":
         return {"structured_outputs": {"regex": output.regex}}
+    # /v1/completions has no response_format: vLLM constrains it with structured_outputs,
+    # llama.cpp with a top-level json_schema; each ignores the other's field.
     if output.kind == "json_object":
-        # /v1/completions has no response_format; vLLM constrains it with structured_outputs.
         if chat:
             return {"response_format": {"type": "json_object"}}
-        return {"structured_outputs": {"json_object": True}}
+        return {"structured_outputs": {"json_object": True}, "json_schema": {"type": "object"}}
     if output.kind == "json_schema":
         if chat:
             schema = {"name": output.name, "schema": output.schema, "strict": True}
             return {"response_format": {"type": "json_schema", "json_schema": schema}}
-        return {"structured_outputs": {"json": output.schema}}
+        return {"structured_outputs": {"json": output.schema}, "json_schema": output.schema}
     return {}
 
 
