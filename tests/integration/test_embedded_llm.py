@@ -122,6 +122,24 @@ async def test_a_json_schema_response_format_yields_json_that_validates(
     jsonschema.validate(json.loads(reply.text), schema)
 
 
+async def test_repetition_penalty_reaches_llama_cpp(client: GenerationClient) -> None:
+    """llama.cpp calls it repeat_penalty; ignored, both greedy answers would be the same."""
+
+    async def answer(penalty: float) -> str:
+        params = generation_pb2.SamplingParams(
+            temperature=0, max_tokens=48, repetition_penalty=penalty
+        )
+        reply = await client.stub.Generate(
+            request(MODEL_NAME, "one one one one one", params=params)
+        )
+        return reply.text
+
+    await answer(1.0)  # greedy answers repeat once the prompt is in the server's cache
+    plain = await answer(1.0)
+    assert await answer(1.9) != plain
+    assert await answer(1.0) == plain  # the difference was the penalty, not chance
+
+
 async def test_cancelling_a_stream_frees_the_servers_slot(
     client: GenerationClient, llm_server: EmbeddedLlm
 ) -> None:

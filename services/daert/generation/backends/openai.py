@@ -14,9 +14,10 @@ error is INVALID_ARGUMENT, an overload RESOURCE_EXHAUSTED and retried before the
 token); older llama.cpp servers send `error: {"code", "message", "type"}`, an SSE field SSE
 clients drop, mapped like the HTTP status in `code`.
 
-Sampling fields beyond OpenAI's (top_k, repetition_penalty) and vLLM's regex constraint
-(`structured_outputs.regex`) are sent only when the caller sets them: a server that does
-not know them answers 400, which reaches the caller as INVALID_ARGUMENT.
+Sampling fields beyond OpenAI's (top_k, repetition_penalty, also as llama.cpp's
+repeat_penalty) and vLLM's regex constraint (`structured_outputs.regex`) are sent only when
+the caller sets them: OpenAI answers 400 to them, which reaches the caller as
+INVALID_ARGUMENT; vLLM and llama.cpp ignore the fields they do not know.
 """
 
 from __future__ import annotations
@@ -159,7 +160,9 @@ def _sampling(request: GenerationInput) -> dict[str, Any]:
         "temperature": s.temperature,
         "top_p": s.top_p,
         "top_k": s.top_k,
+        # vLLM's name and llama.cpp's; each ignores the other's.
         "repetition_penalty": s.repetition_penalty,
+        "repeat_penalty": s.repetition_penalty,
         "seed": s.seed,
         "stop": list(s.stop) or None,
     }
