@@ -310,6 +310,24 @@ async def test_bad_routing_requests_name_the_field(router: ServerProcess) -> Non
         assert "name" in field_violations(error)
 
 
+async def test_a_nul_character_in_any_string_is_invalid_argument(router: ServerProcess) -> None:
+    """PostgreSQL refuses NUL in text; the runtime turns it away before any servicer runs
+    (was INTERNAL: psycopg.DataError)."""
+    async with LoraRouterClient(router.target, max_attempts=1) as client:
+        error = await rpc_error(
+            client.stub.ListAdapters(lora_pb2.ListAdaptersRequest(tenant="acme\x00"))
+        )
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "NUL" in field_violations(error)["tenant"]
+        nested = lora_pb2.RouteRequest(
+            adapter="base", messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER,
+                                                            content="hi\x00")]
+        )  # fmt: skip
+        error = await rpc_error(client.stub.Route(nested))
+        assert "messages[0].content" in field_violations(error)
+    router.wait_health("SERVING")
+
+
 async def test_registry_survives_a_router_restart(
     lora_dsn: str, lorax: FakeOpenAI, redis_server: EmbeddedRedis
 ) -> None:

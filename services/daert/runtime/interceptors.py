@@ -19,6 +19,7 @@ from daert.runtime.rpc_context import (
     new_request_id,
     request_id_var,
 )
+from daert.runtime.validation import reject_nul
 
 log = logging.getLogger("daert.rpc")
 
@@ -67,6 +68,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap_unary(self, behavior: UnaryBehavior, method: str, request_id: str) -> UnaryBehavior:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._rpc(method, request_id, context):
+                reject_nul(request)
                 return await behavior(request, context)
 
         return unary
@@ -76,6 +78,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> StreamBehavior:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._rpc(method, request_id, context):
+                reject_nul(request)
                 async for response in behavior(request, context):
                     yield response
 
