@@ -9,8 +9,9 @@ only confuses. Data services the chosen services need and were not pointed at (a
 PostgreSQL for retrieval and the LoRA registry, or Weaviate; Redis for the generation cache,
 the LoRA router and rolling summaries; the embedded LLM, llama.cpp's llama-server with
 Gemma 3 270M, for generation and context) are started first, with their data under the
-state folder, and stopped last. The LLM is watched like the services: if it dies, the stack
-stops.
+state folder, and stopped last. Airflow 3 (its four components, the DAGs in dags/, its
+metadata in a database of its own on that PostgreSQL) starts while the services do. The LLM
+and Airflow are watched like the services: if one dies, the stack stops.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from daert.local.airflow import ADMIN_USER, AirflowSettings, EmbeddedAirflow, create_database
 from daert.local.llm import EmbeddedLlm, LlmSettings, context_tokenizers, generation_models
 from daert.local.postgres import EmbeddedPostgres
 from daert.local.redis import EmbeddedRedis
@@ -37,6 +40,8 @@ from daert.runtime.settings import ConfigError, ServerSettings, load_settings
 
 # Where `make setup` links the grpcurl it builds.
 LOCAL_GRPCURL = Path(".tools/bin/grpcurl")
+# The ingestion DAG of dags/ingest_documents.py, named in the banner.
+INGEST_DAG = "daert_ingest"
 
 
 @dataclass
@@ -81,11 +86,26 @@ async def _wait_serving(service: _Running, timeout_s: float) -> None:
             await asyncio.sleep(0.5)
 
 
-def _banner(services: list[_Running], watched: dict[str, EmbeddedLlm]) -> str:
+class _Child(Protocol):
+    """A supervised child that is not a gRPC service (the LLM, Airflow)."""
+
+    def poll(self) -> int | None: ...
+
+    def wait(self) -> int | None: ...
+
+
+def _banner(services: list[_Running], data: _DataServices) -> str:
     lines = ["", "daert stack is up:", ""]
-    if "llm" in watched:
-        llm = watched["llm"]
+    if data.llm:
+        llm = data.llm
         lines.append(f"  {'llm':<12} http {llm.url:<18} (llama.cpp server, OpenAI API at /v1)")
+    if data.airflow:
+        airflow = data.airflow
+        lines.append(f"  {'airflow':<12} http {airflow.url:<18} (UI, REST API v2 at /api/v2)")
+        lines.append(
+            f"  {'':<12} log in as {ADMIN_USER} / {airflow.admin_password()} "
+            f"(kept in {airflow.password_file})"
+        )
     for s in services:
         metrics = (
             f"http://localhost:{s.settings.metrics_port}/metrics"
@@ -106,11 +126,16 @@ def _banner(services: list[_Running], watched: dict[str, EmbeddedLlm]) -> str:
                 f"  {grpcurl} -plaintext -d '{s.spec.example_request}' {s.target} "
                 f"{s.spec.example_method}"
             )
-    if "llm" in watched:
+    if data.llm:
         lines.append(
-            f"  curl -s {watched['llm'].url}/v1/chat/completions "
+            f"  curl -s {data.llm.url}/v1/chat/completions "
             "-H 'content-type: application/json' "
             """-d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'"""
+        )
+    if data.airflow:
+        lines.append(
+            f"  drop documents into {data.documents_dir}, then trigger the DAG "
+            f"{INGEST_DAG} at {data.airflow.url}/dags/{INGEST_DAG}"
         )
     lines += ["", "Ctrl-C stops everything.", ""]
     return "\n".join(lines)
@@ -129,7 +154,7 @@ async def _unless_stopped(stop: asyncio.Event, work: Awaitable[object]) -> bool:
     return False
 
 
-async def _first_exit(services: list[_Running], watched: dict[str, EmbeddedLlm]) -> None:
+async def _first_exit(services: list[_Running], watched: dict[str, _Child]) -> None:
     exits: set[asyncio.Future[int | None]] = {
         asyncio.ensure_future(s.process.wait()) for s in services
     }
@@ -161,7 +186,11 @@ _NEEDS_LLM = ("generation", "context")
 @dataclass
 class _DataServices:
     stops: list[Callable[[], None]]
-    watched: dict[str, EmbeddedLlm]  # children whose exit stops the stack
+    watched: dict[str, _Child]  # children whose exit stops the stack
+    postgres: EmbeddedPostgres | None = None
+    llm: EmbeddedLlm | None = None
+    airflow: EmbeddedAirflow | None = None
+    documents_dir: Path | None = None
 
 
 def _start_llm(names: list[str], state_dir: Path, started: _DataServices) -> None:
@@ -176,7 +205,7 @@ def _start_llm(names: list[str], state_dir: Path, started: _DataServices) -> Non
     _say(f"starting the embedded LLM (llama-server on port {settings.port}; log {llm.log_file})")
     url = llm.start()
     started.stops.append(llm.stop)
-    started.watched["llm"] = llm
+    started.watched["llm"] = started.llm = llm
     per_request = settings.context_size // settings.parallel
     os.environ["DAERT_GENERATION_MODELS"] = generation_models(url, per_request)
     os.environ.setdefault("DAERT_CONTEXT_TOKENIZERS", context_tokenizers(url))
@@ -193,12 +222,14 @@ def _start_data_services(names: list[str], state_dir: Path, started: _DataServic
     if "retrieval" in names and backend != "pgvector":
         dsn_vars.remove("DAERT_RETRIEVAL_DSN")
     unset = [var for var in dsn_vars if not os.environ.get(var)]
-    if unset:
+    airflow = load_settings(AirflowSettings)
+    if unset or (airflow.enabled and not airflow.database_url):
         postgres = EmbeddedPostgres(state_dir / "pgdata")
         dsn = postgres.start()
         for var in unset:
             os.environ[var] = dsn
         stops.append(postgres.stop)
+        started.postgres = postgres
         _say(f"started the embedded PostgreSQL + pgvector (data in {postgres.data_dir})")
     redis_vars = [f"DAERT_{name.upper()}_REDIS_URL" for name in _NEEDS_REDIS if name in names]
     unset = [var for var in redis_vars if not os.environ.get(var)]
@@ -223,6 +254,36 @@ def _start_data_services(names: list[str], state_dir: Path, started: _DataServic
     _start_llm(names, state_dir, started)
 
 
+def _airflow(data: _DataServices, state_dir: Path) -> EmbeddedAirflow | None:
+    """Airflow, set up but not started (unless it is off): its metadata in its own database
+    on the embedded PostgreSQL unless DAERT_AIRFLOW_DATABASE_URL names one."""
+    settings = load_settings(AirflowSettings)
+    if not settings.enabled:
+        return None
+    database_url = settings.database_url
+    if not database_url:
+        assert data.postgres is not None, "started for Airflow by _start_data_services"
+        database_url = create_database(data.postgres.dsn)
+    data.documents_dir = (state_dir / "documents").resolve()
+    data.documents_dir.mkdir(parents=True, exist_ok=True)
+    # The ingestion DAG's default source; its tasks find the services through the clients'
+    # DAERT_<SERVICE>_TARGET, set when the DAG runs (`_start_airflow`).
+    extra = {"DAERT_INGEST_SOURCE": os.environ.get("DAERT_INGEST_SOURCE", str(data.documents_dir))}
+    return EmbeddedAirflow(settings, state_dir / "airflow", database_url, extra)
+
+
+async def _start_airflow(
+    airflow: EmbeddedAirflow, services: list[_Running], data: _DataServices
+) -> None:
+    for s in services:
+        airflow.extra_env.setdefault(f"DAERT_{s.spec.name.upper()}_TARGET", s.target)
+    _say(f"starting Airflow at {airflow.url} (logs in {airflow.log_dir})")
+    data.stops.append(airflow.stop)
+    await asyncio.to_thread(airflow.start)
+    data.watched["airflow"] = data.airflow = airflow
+    _say(f"Airflow is up at {airflow.url}")
+
+
 async def _run(names: list[str], ready_timeout_s: float, state_dir: Path) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -233,6 +294,7 @@ async def _run(names: list[str], ready_timeout_s: float, state_dir: Path) -> int
     data = _DataServices([], {})
     try:
         await asyncio.to_thread(_start_data_services, names, state_dir, data)
+        airflow = _airflow(data, state_dir)
         for name in names:
             spec = load_spec(name)
             settings = load_settings(spec.settings)
@@ -241,10 +303,12 @@ async def _run(names: list[str], ready_timeout_s: float, state_dir: Path) -> int
             )
             services.append(_Running(spec, settings, process))
             _say(f"started {name} (pid {process.pid}); waiting for it to be SERVING")
-        all_serving = asyncio.gather(*(_wait_serving(s, ready_timeout_s) for s in services))
-        if not await _unless_stopped(stop, all_serving):
+        waits = [_wait_serving(s, ready_timeout_s) for s in services]
+        if airflow:
+            waits.append(_start_airflow(airflow, services, data))
+        if not await _unless_stopped(stop, asyncio.gather(*waits)):
             return 0
-        print(_banner(services, data.watched), flush=True)
+        print(_banner(services, data), flush=True)
         if not await _unless_stopped(stop, _first_exit(services, data.watched)):
             return 0
         dead = [s.spec.name for s in services if s.process.returncode is not None]
