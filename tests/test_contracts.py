@@ -58,6 +58,7 @@ def test_every_service_contract_is_present() -> None:
                 "Upsert",
                 "Search",
                 "Delete",
+                "ListDocuments",  # what ingestion compares content hashes against
             },
         ),
         rerank_pb2: ("RerankService", {"Rerank"}),

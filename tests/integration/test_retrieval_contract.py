@@ -374,6 +374,108 @@ async def test_delete_by_ids_documents_and_filter(client: RetrievalClient) -> No
         assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, [field])
 
 
+# --- documents -------------------------------------------------------------------------------
+
+# Document id -> its chunks' (id, kind). "Zeta" sorts before "alpha" (code point order), and
+# "b" has its chunks out of id order, so the smallest id is not the first written.
+DOCUMENTS = {
+    "b": [("b#2", "final"), ("b#0", "draft"), ("b#1", "final")],
+    "alpha": [("alpha#0", "final")],
+    "Zeta": [("z#0", "draft"), ("z#1", "draft")],
+    "c": [("c#0", "final")],
+    "d\u00e9j\u00e0": [("dj#0", "draft")],
+}
+
+
+def documents(reply: retrieval_pb2.ListDocumentsResponse) -> list[tuple[str, int, str]]:
+    """(document id, chunk count, the listed chunk's `part`) for each listed document."""
+    return [(d.document_id, d.chunk_count, str(d.metadata["part"])) for d in reply.documents]
+
+
+@pytest.fixture(scope="module")
+async def documents_collection(store: Store) -> AsyncIterator[str]:
+    async with RetrievalClient(store.server.target) as client:
+        name = await create(client)
+        chunks = [
+            chunk(id, f"text of {id}", (1, n, 1), document_id, part=id, kind=kind, hash=document_id)
+            for n, (document_id, parts) in enumerate(DOCUMENTS.items())
+            for id, kind in parts
+        ]
+        alone = chunk("alone", "a stand-alone chunk", (0, 1, 1), part="alone", kind="draft")
+        await client.stub.Upsert(
+            retrieval_pb2.UpsertRequest(collection=name, chunks=[*chunks, alone])
+        )
+        yield name
+
+
+async def test_list_documents_counts_and_sorts(
+    client: RetrievalClient, documents_collection: str
+) -> None:
+    reply = await client.stub.ListDocuments(
+        retrieval_pb2.ListDocumentsRequest(collection=documents_collection)
+    )
+    # Sorted by id; the stand-alone chunk (empty document id) is not a document.
+    assert documents(reply) == [
+        ("Zeta", 2, "z#0"),
+        ("alpha", 1, "alpha#0"),
+        ("b", 3, "b#0"),
+        ("c", 1, "c#0"),
+        ("d\u00e9j\u00e0", 1, "dj#0"),
+    ]
+    assert reply.next_page_token == ""
+    assert dict(reply.documents[2].metadata) == {"part": "b#0", "kind": "draft", "hash": "b"}
+
+
+async def test_list_documents_pages_return_every_document_once(
+    client: RetrievalClient, documents_collection: str
+) -> None:
+    listed: list[str] = []
+    token = ""
+    for _ in range(len(DOCUMENTS)):
+        reply = await client.stub.ListDocuments(
+            retrieval_pb2.ListDocumentsRequest(
+                collection=documents_collection, page_size=2, page_token=token
+            )
+        )
+        assert len(reply.documents) <= 2
+        listed += [d.document_id for d in reply.documents]
+        token = reply.next_page_token
+        if not token:
+            break
+    assert token == ""
+    assert listed == sorted(DOCUMENTS)  # three pages: 2, 2 and 1
+
+
+async def test_list_documents_by_ids_and_filter(
+    client: RetrievalClient, documents_collection: str
+) -> None:
+    async def listed(**fields: Any) -> list[tuple[str, int, str]]:
+        request = retrieval_pb2.ListDocumentsRequest(collection=documents_collection, **fields)
+        return documents(await client.stub.ListDocuments(request))
+
+    by_ids = await listed(document_ids=["c", "missing", "b", "", "c"])
+    assert by_ids == [("b", 3, "b#0"), ("c", 1, "c#0")]
+    # Only the matching chunks count, and the listed metadata is theirs.
+    assert await listed(filter=struct({"kind": "final"})) == [
+        ("alpha", 1, "alpha#0"),
+        ("b", 2, "b#1"),
+        ("c", 1, "c#0"),
+    ]
+    assert await listed(filter=struct({"kind": "final"}), document_ids=["Zeta", "b"]) == [
+        ("b", 2, "b#1")
+    ]
+    assert await listed(filter=struct({"no_such_key": "x"})) == []
+    assert len(await listed(filter=struct({}))) == len(DOCUMENTS)  # empty: every chunk
+    code, _, fields = await status_of(
+        client.stub.ListDocuments(
+            retrieval_pb2.ListDocumentsRequest(
+                collection=documents_collection, filter=struct({"kind": {"like": "x"}})
+            )
+        )
+    )
+    assert (code, fields) == (grpc.StatusCode.INVALID_ARGUMENT, ["filter.kind.like"])
+
+
 # --- search ----------------------------------------------------------------------------------
 
 
@@ -762,6 +864,34 @@ def _bad_requests(name: str) -> list[tuple[str, Any, grpc.StatusCode, str]]:
         ),
         ("Get", retrieval_pb2.GetRequest(collection=name), invalid, "ids"),
         (
+            "ListDocuments",
+            retrieval_pb2.ListDocumentsRequest(collection=name, page_size=-1),
+            invalid,
+            "page_size",
+        ),
+        (
+            "ListDocuments",
+            retrieval_pb2.ListDocumentsRequest(collection=name, page_size=1001),
+            invalid,
+            "page_size",
+        ),
+        *(
+            (
+                "ListDocuments",
+                retrieval_pb2.ListDocumentsRequest(collection=name, page_token=token),
+                invalid,
+                "page_token",
+            )
+            # Not base64; not UTF-8; a NUL; "a" spelt unlike this service spells it ("YQ==").
+            for token in ("not a token!", "_w==", "AA==", "YR==")
+        ),
+        (
+            "ListDocuments",
+            retrieval_pb2.ListDocumentsRequest(collection="missing_one"),
+            grpc.StatusCode.NOT_FOUND,
+            "",
+        ),
+        (
             "CreateCollection",
             retrieval_pb2.CreateCollectionRequest(collection=unique()),
             invalid,
@@ -845,6 +975,11 @@ async def test_tenants_are_isolated(client: RetrievalClient) -> None:
         retrieval_pb2.GetRequest(collection=name, tenant=b, ids=["secret"], document_ids=["plan"])
     )
     assert list(got.chunks) == [] and list(got.missing_ids) == ["secret"]
+    for tenant, expected in (("acme", ["plan"]), (b, [])):
+        reply = await client.stub.ListDocuments(
+            retrieval_pb2.ListDocumentsRequest(collection=name, tenant=tenant)
+        )
+        assert [d.document_id for d in reply.documents] == expected
     for request in (
         retrieval_pb2.DeleteRequest(collection=name, tenant=b, ids=["secret"]),
         retrieval_pb2.DeleteRequest(collection=name, tenant=b, document_ids=["plan"]),
@@ -859,6 +994,9 @@ async def test_tenants_are_isolated(client: RetrievalClient) -> None:
         ),
         client.stub.GetCollection(
             retrieval_pb2.GetCollectionRequest(collection=only_acme, tenant=b)
+        ),
+        client.stub.ListDocuments(
+            retrieval_pb2.ListDocumentsRequest(collection=only_acme, tenant=b)
         ),
         client.stub.DeleteCollection(
             retrieval_pb2.DeleteCollectionRequest(collection=only_acme, tenant=b)

@@ -80,3 +80,12 @@ class ScoredChunk:
 
     chunk: ChunkRecord
     score: float
+
+
+@dataclass(frozen=True)
+class DocumentSummary:
+    """One document as ListDocuments reports it, over the chunks a request counts."""
+
+    document_id: str
+    chunk_count: int
+    metadata: dict[str, Any]  # of the counted chunk with the smallest id

@@ -4,6 +4,7 @@ ranking live in `backends/`."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -20,6 +21,7 @@ from daert.retrieval.model import (
     ChunkRecord,
     CollectionInfo,
     CollectionSpec,
+    DocumentSummary,
     Metric,
     ScoredChunk,
     Vector,
@@ -34,6 +36,8 @@ TENANT_NAME = re.compile(r"([A-Za-z0-9][A-Za-z0-9_-]{0,62})?")
 LANGUAGE_NAME = re.compile(r"[a-z_]{1,63}")
 MAX_ID_CHARS = 512
 DEFAULT_TOP_K = 10
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 
 METRICS = {
     retrieval_pb2.DISTANCE_METRIC_UNSPECIFIED: Metric.COSINE,
@@ -185,6 +189,29 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         return retrieval_pb2.GetResponse(
             chunks=[_chunk_message(chunk) for chunk in chunks],
             missing_ids=[i for i in dict.fromkeys(ids) if i not in found],
+        )
+
+    async def ListDocuments(
+        self, request: retrieval_pb2.ListDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.ListDocumentsResponse:
+        spec = await self._spec(request.tenant, request.collection)
+        page_size = request.page_size or DEFAULT_PAGE_SIZE
+        require(
+            0 < page_size <= MAX_PAGE_SIZE, "page_size", f"must be between 1 and {MAX_PAGE_SIZE}"
+        )
+        limit = self._settings.max_chunks_per_write
+        require(len(request.document_ids) <= limit, "document_ids", f"at most {limit} per call")
+        where = _filter(request.filter) if request.HasField("filter") else None
+        after = _page_after(request.page_token)
+        # One more than a page: whether it comes back tells if there is a next page.
+        found = await self._backend.list_documents(
+            spec, list(request.document_ids), where, page_size + 1, after
+        )
+        page = found[:page_size]
+        more = len(found) > page_size
+        return retrieval_pb2.ListDocumentsResponse(
+            documents=[_document_message(document) for document in page],
+            next_page_token=_page_token(page[-1].document_id) if more else "",
         )
 
     async def Delete(
@@ -389,6 +416,29 @@ def _filter(struct: struct_pb2.Struct) -> Filter | None:
     return parse_filter(_json(struct, "filter"))
 
 
+def _page_token(last_document_id: str) -> str:
+    """The opaque token of the page after the one ending with `last_document_id`."""
+    return base64.urlsafe_b64encode(last_document_id.encode()).decode()
+
+
+def _page_after(token: str) -> str:
+    """The document id a page token continues after; "" (the start) for no token."""
+    if not token:
+        return ""
+    try:
+        after = base64.b64decode(token, altchars=b"-_", validate=True).decode()
+    except ValueError:  # not base64, or not UTF-8
+        after = ""
+    # Only tokens this service made: re-encoding gives the same token, and no NUL (which
+    # PostgreSQL refuses in text) or empty id, which no page ends with.
+    require(
+        bool(after) and "\x00" not in after and _page_token(after) == token,
+        "page_token",
+        "is not a next_page_token of ListDocuments",
+    )
+    return after
+
+
 def _collection_message(info: CollectionInfo) -> retrieval_pb2.Collection:
     spec = info.spec
     created = timestamp_pb2.Timestamp()
@@ -411,6 +461,14 @@ def _chunk_message(chunk: ChunkRecord) -> retrieval_pb2.Chunk:
     message.metadata.update(chunk.metadata)
     if chunk.vector is not None:
         message.vector.CopyFrom(common_pb2.Vector(values=chunk.vector.tolist()))
+    return message
+
+
+def _document_message(document: DocumentSummary) -> retrieval_pb2.DocumentSummary:
+    message = retrieval_pb2.DocumentSummary(
+        document_id=document.document_id, chunk_count=document.chunk_count
+    )
+    message.metadata.update(document.metadata)
     return message
 
 

@@ -699,6 +699,126 @@ class GetResponse(_message.Message):
 Global___GetResponse: _TypeAlias = GetResponse  # noqa: Y015
 
 @_typing.final
+class ListDocumentsRequest(_message.Message):
+    """Request for RetrievalService.ListDocuments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    DOCUMENT_IDS_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    collection: _builtins.str
+    """Collection to list; NOT_FOUND when missing."""
+    tenant: _builtins.str
+    """Tenant that owns the collection; empty is the default tenant."""
+    page_size: _builtins.int
+    """Most documents per page. 0 means 100; at most 1000."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page, with the same collection,
+    tenant, document_ids and filter; empty for the first page.
+    """
+    @_builtins.property
+    def document_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these documents; ids that match no chunk are simply absent from
+        the result. Empty: every document. At most as many as the server takes
+        per write (1000 by default).
+        """
+
+    @_builtins.property
+    def filter(self) -> _struct_pb2.Struct:
+        """Only documents with at least one chunk whose metadata matches this
+        filter (language in the RetrievalService comment); only those chunks
+        are counted. Unset or empty: all.
+        """
+
+    def __init__(
+        self,
+        *,
+        collection: _builtins.str = ...,
+        tenant: _builtins.str = ...,
+        document_ids: _abc.Iterable[_builtins.str] | None = ...,
+        filter: _struct_pb2.Struct | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "document_ids", b"document_ids", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token", "tenant", b"tenant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDocumentsRequest: _TypeAlias = ListDocumentsRequest  # noqa: Y015
+
+@_typing.final
+class DocumentSummary(_message.Message):
+    """One document of a collection: what its chunks have in common."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    CHUNK_COUNT_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    document_id: _builtins.str
+    """The document id (never empty: stand-alone chunks are not listed)."""
+    chunk_count: _builtins.int
+    """Number of the document's chunks (those matching the filter, when one is
+    given).
+    """
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """Metadata of the document's counted chunk with the smallest id; ingestion
+        repeats document-level keys (such as content_hash) on every chunk.
+        """
+
+    def __init__(
+        self,
+        *,
+        document_id: _builtins.str = ...,
+        chunk_count: _builtins.int = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "document_id", b"document_id", "metadata", b"metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DocumentSummary: _TypeAlias = DocumentSummary  # noqa: Y015
+
+@_typing.final
+class ListDocumentsResponse(_message.Message):
+    """Response for RetrievalService.ListDocuments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DOCUMENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page, passed as page_token; empty on the last page."""
+    @_builtins.property
+    def documents(self) -> _containers.RepeatedCompositeFieldContainer[Global___DocumentSummary]:
+        """The page's documents, sorted by document id (in Unicode code point
+        order), at most page_size.
+        """
+
+    def __init__(
+        self,
+        *,
+        documents: _abc.Iterable[Global___DocumentSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["documents", b"documents", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDocumentsResponse: _TypeAlias = ListDocumentsResponse  # noqa: Y015
+
+@_typing.final
 class DeleteRequest(_message.Message):
     """Request for RetrievalService.Delete. Exactly one of ids, document_ids and
     filter must be set.

@@ -34,7 +34,8 @@ class RetrievalServiceStub(object):
     collection, and no call ever reads or changes another tenant's data.
     An empty tenant is the default tenant, a tenant like any other.
 
-    Metadata filter language (SearchRequest.filter, DeleteRequest.filter):
+    Metadata filter language (SearchRequest.filter, DeleteRequest.filter,
+    ListDocumentsRequest.filter):
     a JSON object, carried as a google.protobuf.Struct, over the keys of the
     chunks' metadata. Dotted keys address nested objects ("author.name").
     {"k": v}                            shorthand for {"k": {"eq": v}}
@@ -93,6 +94,11 @@ class RetrievalServiceStub(object):
                 request_serializer=daert_dot_v1_dot_retrieval__pb2.GetRequest.SerializeToString,
                 response_deserializer=daert_dot_v1_dot_retrieval__pb2.GetResponse.FromString,
                 _registered_method=True)
+        self.ListDocuments = channel.unary_unary(
+                '/daert.v1.RetrievalService/ListDocuments',
+                request_serializer=daert_dot_v1_dot_retrieval__pb2.ListDocumentsRequest.SerializeToString,
+                response_deserializer=daert_dot_v1_dot_retrieval__pb2.ListDocumentsResponse.FromString,
+                _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/daert.v1.RetrievalService/Delete',
                 request_serializer=daert_dot_v1_dot_retrieval__pb2.DeleteRequest.SerializeToString,
@@ -114,7 +120,8 @@ class RetrievalServiceServicer(object):
     collection, and no call ever reads or changes another tenant's data.
     An empty tenant is the default tenant, a tenant like any other.
 
-    Metadata filter language (SearchRequest.filter, DeleteRequest.filter):
+    Metadata filter language (SearchRequest.filter, DeleteRequest.filter,
+    ListDocumentsRequest.filter):
     a JSON object, carried as a google.protobuf.Struct, over the keys of the
     chunks' metadata. Dotted keys address nested objects ("author.name").
     {"k": v}                            shorthand for {"k": {"eq": v}}
@@ -181,6 +188,15 @@ class RetrievalServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDocuments(self, request, context):
+        """Lists the documents in a collection (distinct non-empty document ids),
+        with the number of chunks and the metadata of one chunk of each, sorted
+        by document id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Delete(self, request, context):
         """Deletes chunks by id, by document id or by metadata filter.
         """
@@ -233,6 +249,11 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     request_deserializer=daert_dot_v1_dot_retrieval__pb2.GetRequest.FromString,
                     response_serializer=daert_dot_v1_dot_retrieval__pb2.GetResponse.SerializeToString,
             ),
+            'ListDocuments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDocuments,
+                    request_deserializer=daert_dot_v1_dot_retrieval__pb2.ListDocumentsRequest.FromString,
+                    response_serializer=daert_dot_v1_dot_retrieval__pb2.ListDocumentsResponse.SerializeToString,
+            ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
                     request_deserializer=daert_dot_v1_dot_retrieval__pb2.DeleteRequest.FromString,
@@ -260,7 +281,8 @@ class RetrievalService(object):
     collection, and no call ever reads or changes another tenant's data.
     An empty tenant is the default tenant, a tenant like any other.
 
-    Metadata filter language (SearchRequest.filter, DeleteRequest.filter):
+    Metadata filter language (SearchRequest.filter, DeleteRequest.filter,
+    ListDocumentsRequest.filter):
     a JSON object, carried as a google.protobuf.Struct, over the keys of the
     chunks' metadata. Dotted keys address nested objects ("author.name").
     {"k": v}                            shorthand for {"k": {"eq": v}}
@@ -457,6 +479,33 @@ class RetrievalService(object):
             '/daert.v1.RetrievalService/Get',
             daert_dot_v1_dot_retrieval__pb2.GetRequest.SerializeToString,
             daert_dot_v1_dot_retrieval__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDocuments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/daert.v1.RetrievalService/ListDocuments',
+            daert_dot_v1_dot_retrieval__pb2.ListDocumentsRequest.SerializeToString,
+            daert_dot_v1_dot_retrieval__pb2.ListDocumentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

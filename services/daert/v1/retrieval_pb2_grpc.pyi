@@ -35,7 +35,8 @@ class RetrievalServiceStub:
     collection, and no call ever reads or changes another tenant's data.
     An empty tenant is the default tenant, a tenant like any other.
 
-    Metadata filter language (SearchRequest.filter, DeleteRequest.filter):
+    Metadata filter language (SearchRequest.filter, DeleteRequest.filter,
+    ListDocumentsRequest.filter):
     a JSON object, carried as a google.protobuf.Struct, over the keys of the
     chunks' metadata. Dotted keys address nested objects ("author.name").
       {"k": v}                            shorthand for {"k": {"eq": v}}
@@ -71,6 +72,11 @@ class RetrievalServiceStub:
     """Atomically replaces every chunk of one document with a new set."""
     Get: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.GetRequest, _retrieval_pb2.GetResponse]
     """Fetches chunks by id or by document id."""
+    ListDocuments: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.ListDocumentsRequest, _retrieval_pb2.ListDocumentsResponse]
+    """Lists the documents in a collection (distinct non-empty document ids),
+    with the number of chunks and the metadata of one chunk of each, sorted
+    by document id.
+    """
     Delete: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.DeleteRequest, _retrieval_pb2.DeleteResponse]
     """Deletes chunks by id, by document id or by metadata filter."""
     Search: _grpc.UnaryUnaryMultiCallable[_retrieval_pb2.SearchRequest, _retrieval_pb2.SearchResponse]
@@ -86,7 +92,8 @@ class RetrievalServiceAsyncStub(RetrievalServiceStub):
     collection, and no call ever reads or changes another tenant's data.
     An empty tenant is the default tenant, a tenant like any other.
 
-    Metadata filter language (SearchRequest.filter, DeleteRequest.filter):
+    Metadata filter language (SearchRequest.filter, DeleteRequest.filter,
+    ListDocumentsRequest.filter):
     a JSON object, carried as a google.protobuf.Struct, over the keys of the
     chunks' metadata. Dotted keys address nested objects ("author.name").
       {"k": v}                            shorthand for {"k": {"eq": v}}
@@ -119,6 +126,11 @@ class RetrievalServiceAsyncStub(RetrievalServiceStub):
     """Atomically replaces every chunk of one document with a new set."""
     Get: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.GetRequest, _retrieval_pb2.GetResponse]  # type: ignore[assignment]
     """Fetches chunks by id or by document id."""
+    ListDocuments: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.ListDocumentsRequest, _retrieval_pb2.ListDocumentsResponse]  # type: ignore[assignment]
+    """Lists the documents in a collection (distinct non-empty document ids),
+    with the number of chunks and the metadata of one chunk of each, sorted
+    by document id.
+    """
     Delete: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.DeleteRequest, _retrieval_pb2.DeleteResponse]  # type: ignore[assignment]
     """Deletes chunks by id, by document id or by metadata filter."""
     Search: _aio.UnaryUnaryMultiCallable[_retrieval_pb2.SearchRequest, _retrieval_pb2.SearchResponse]  # type: ignore[assignment]
@@ -133,7 +145,8 @@ class RetrievalServiceServicer(metaclass=_abc_1.ABCMeta):
     collection, and no call ever reads or changes another tenant's data.
     An empty tenant is the default tenant, a tenant like any other.
 
-    Metadata filter language (SearchRequest.filter, DeleteRequest.filter):
+    Metadata filter language (SearchRequest.filter, DeleteRequest.filter,
+    ListDocumentsRequest.filter):
     a JSON object, carried as a google.protobuf.Struct, over the keys of the
     chunks' metadata. Dotted keys address nested objects ("author.name").
       {"k": v}                            shorthand for {"k": {"eq": v}}
@@ -206,6 +219,17 @@ class RetrievalServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_retrieval_pb2.GetResponse, _abc.Awaitable[_retrieval_pb2.GetResponse]]:
         """Fetches chunks by id or by document id."""
+
+    @_abc_1.abstractmethod
+    def ListDocuments(
+        self,
+        request: _retrieval_pb2.ListDocumentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_retrieval_pb2.ListDocumentsResponse, _abc.Awaitable[_retrieval_pb2.ListDocumentsResponse]]:
+        """Lists the documents in a collection (distinct non-empty document ids),
+        with the number of chunks and the metadata of one chunk of each, sorted
+        by document id.
+        """
 
     @_abc_1.abstractmethod
     def Delete(

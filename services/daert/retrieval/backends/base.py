@@ -14,6 +14,7 @@ from daert.retrieval.model import (
     ChunkRecord,
     CollectionInfo,
     CollectionSpec,
+    DocumentSummary,
     ScoredChunk,
     Vector,
     WriteCounts,
@@ -70,6 +71,20 @@ class RetrievalBackend(Protocol):
         include_vectors: bool,
     ) -> list[ChunkRecord]:
         """Chunks for `ids` (request order), then for `document_ids` (grouped), each once."""
+        ...
+
+    async def list_documents(
+        self,
+        spec: CollectionSpec,
+        document_ids: Sequence[str],
+        where: Filter | None,
+        limit: int,
+        after: str,
+    ) -> list[DocumentSummary]:
+        """The first `limit` documents with an id greater than `after`, in code point order
+        (the same on every backend, so pages never skip or repeat one). Only non-empty
+        document ids, only those in `document_ids` when it is not empty, and only chunks
+        matching `where` are counted; a document with none is not listed."""
         ...
 
     async def delete(

@@ -31,6 +31,7 @@ from daert.retrieval.model import (
     ChunkRecord,
     CollectionInfo,
     CollectionSpec,
+    DocumentSummary,
     Metric,
     ScoredChunk,
     Vector,
@@ -315,6 +316,42 @@ class PgvectorBackend:
                     found.append(chunk)
                     seen.add(chunk.id)
         return found
+
+    async def list_documents(
+        self,
+        spec: CollectionSpec,
+        document_ids: Sequence[str],
+        where: Filter | None,
+        limit: int,
+        after: str,
+    ) -> list[DocumentSummary]:
+        condition, params = _condition(where)
+        if document_ids:
+            condition = sql.SQL("{} AND document_id = ANY(%s)").format(condition)
+            params.append(list(document_ids))
+        async with self._table(spec) as (conn, table):
+            # Ids compare in the "C" collation, byte order of UTF-8 and so code point order,
+            # as on Weaviate. The page is grouped over the id columns alone; only its first
+            # chunks' metadata is then read, by primary key.
+            cursor = await conn.execute(
+                sql.SQL(
+                    """SELECT page.document_id, page.chunks, chunk.metadata FROM (
+                           SELECT document_id, count(*) AS chunks,
+                                  min(id COLLATE "C") AS first_id
+                           FROM {table}
+                           WHERE tenant = %s AND document_id <> ''
+                               AND document_id COLLATE "C" > %s AND {condition}
+                           GROUP BY document_id
+                           ORDER BY document_id COLLATE "C" LIMIT %s) AS page
+                       JOIN {table} AS chunk
+                           ON chunk.tenant = %s AND chunk.id = page.first_id COLLATE "default"
+                       ORDER BY page.document_id COLLATE "C"
+                    """
+                ).format(table=table, condition=condition),
+                [spec.tenant, after, *params, limit, spec.tenant],
+            )
+            rows = await cursor.fetchall()
+        return [DocumentSummary(row[0], int(row[1]), row[2]) for row in rows]
 
     async def delete(
         self,

@@ -27,17 +27,28 @@ Differences from pgvector, all forced by Weaviate:
   (top_k * 8, clamped to 100..500) applies.
 - Keyword search is BM25 over word tokens with Weaviate's English stop words and no stemming,
   whatever text_search_language says (the language is stored and reported as given).
+- ListDocuments reads every matching chunk (without its vector) for each page, as Weaviate
+  cannot group outside a search; pgvector groups in SQL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import json
 import logging
 import math
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from datetime import UTC, datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit
@@ -91,6 +102,7 @@ from daert.retrieval.model import (
     ChunkRecord,
     CollectionInfo,
     CollectionSpec,
+    DocumentSummary,
     Metric,
     ScoredChunk,
     Vector,
@@ -123,6 +135,7 @@ MAX_BATCH_BYTES = 8 * 1024 * 1024  # a rough bound per insert request (gRPC limi
 # refused gRPC calls for about a minute, and a server that is down should be UNAVAILABLE now.
 PROBE_AFTER_S = 0.5
 _RETURNED = ["chunk_id", "document_id", "text", "metadata_json"]
+_LISTED = ["chunk_id", "document_id", "metadata_json"]  # what ListDocuments reads
 _NO_UUID = UUID(int=0)  # never a uuid5: `id != it` matches every chunk
 
 _DISTANCES = {
@@ -770,6 +783,49 @@ class WeaviateBackend:
         return chunks
 
     @_guarded
+    async def list_documents(
+        self,
+        spec: CollectionSpec,
+        document_ids: Sequence[str],
+        where: Filter | None,
+        limit: int,
+        after: str,
+    ) -> list[DocumentSummary]:
+        shard = await self._shard(spec)
+        scope = (
+            WeaviateFilter.by_property("doc_key").contains_any(
+                [document_key(d) for d in dict.fromkeys(document_ids)]
+            )
+            if document_ids
+            else WeaviateFilter.by_property("doc_key").not_equal(document_key(""))
+        )
+
+        # Weaviate groups objects only within a vector or keyword search, and document_id is
+        # neither filterable nor sortable (doc_key, its hash, is): so every matching chunk is
+        # read, without vectors, and grouped here, keeping one metadata per document.
+        async def run(condition: _Filters | None) -> list[DocumentSummary]:
+            counts: dict[str, int] = {}
+            first: dict[str, tuple[str, str]] = {}  # document id -> (chunk id, metadata_json)
+            matching = scope if condition is None else scope & condition
+            async for page in _pages(shard, matching, _LISTED, include_vectors=False):
+                for obj in page:
+                    properties = obj.properties
+                    document_id = str(properties.get("document_id") or "")
+                    if not document_id or document_id <= after:
+                        continue
+                    counts[document_id] = counts.get(document_id, 0) + 1
+                    chunk_id = str(properties["chunk_id"])
+                    held = first.get(document_id)
+                    if held is None or chunk_id < held[0]:
+                        first[document_id] = (chunk_id, str(properties["metadata_json"]))
+            return [
+                DocumentSummary(d, counts[d], json.loads(first[d][1]))
+                for d in heapq.nsmallest(limit, counts)
+            ]
+
+        return await self._filtered(spec, where, run, [])
+
+    @_guarded
     async def delete(
         self,
         spec: CollectionSpec,
@@ -1028,9 +1084,20 @@ async def _fetch_all(
     properties: list[str] | None,
     include_vectors: bool,
 ) -> list[Any]:
-    """Every object matching `where`, paged by uuid (offsets stop at QUERY_MAXIMUM_RESULTS,
-    and Weaviate's cursor does not combine with filters)."""
-    objects: list[Any] = []
+    """Every object matching `where`."""
+    return [
+        obj async for page in _pages(collection, where, properties, include_vectors) for obj in page
+    ]
+
+
+async def _pages(
+    collection: Shard,
+    where: _Filters,
+    properties: list[str] | None,
+    include_vectors: bool,
+) -> AsyncIterator[list[Any]]:
+    """The objects matching `where`, a page at a time, paged by uuid (offsets stop at
+    QUERY_MAXIMUM_RESULTS, and Weaviate's cursor does not combine with filters)."""
     last: UUID | None = None
     while True:
         condition = where
@@ -1043,9 +1110,9 @@ async def _fetch_all(
             return_properties=properties,
             include_vector=include_vectors,
         )
-        objects.extend(page.objects)
+        yield page.objects
         if len(page.objects) < PAGE:
-            return objects
+            return
         last = page.objects[-1].uuid
 
 
