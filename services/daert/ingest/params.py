@@ -113,7 +113,12 @@ def parse_params(raw: IngestParams | Mapping[str, Any]) -> IngestParams:
             # Drop pydantic's union-branch names ("source.str"), keep real paths ("source.1").
             path = [str(p) for p in error["loc"] if p not in ("str", "list[str]")]
             problems.append(f"{'.'.join(path) or 'params'}: {error['msg']}")
-        raise InvalidParams("invalid ingestion params:\n  " + "\n  ".join(problems)) from None
+        raise invalid_params(*problems) from None
+
+
+def invalid_params(*problems: str) -> InvalidParams:
+    """InvalidParams listing `problems`, each "field: what is wrong"."""
+    return InvalidParams("invalid ingestion params:\n  " + "\n  ".join(problems))
 
 
 def param_specs() -> dict[str, dict[str, Any]]:
