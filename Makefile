@@ -132,8 +132,8 @@ test: setup ## run the test suite against real servers
 
 lint: setup ## buf lint, ruff, mypy
 	cd proto && ../$(TOOLS)/buf lint
-	$(VENV)/bin/ruff check services proto tests bench
-	$(VENV)/bin/ruff format --check services proto tests bench
+	$(VENV)/bin/ruff check services proto tests bench dags
+	$(VENV)/bin/ruff format --check services proto tests bench dags
 	$(VENV)/bin/mypy
 
 proto: setup ## regenerate the Python stubs from proto/

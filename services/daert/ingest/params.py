@@ -132,7 +132,10 @@ def param_specs() -> dict[str, dict[str, Any]]:
         for branch in prop.get("anyOf", ()):  # str | list[str] -> type ["string", "array"]
             spec["type"] = [*spec.get("type", []), branch["type"]]
             spec.update({k: v for k, v in branch.items() if k == "items"})
-        if name == "metadata":  # a default factory is not in the schema
+        if name == "metadata":
+            # A default factory is not in the schema, and its value schema refers to $defs
+            # that a form field does not carry: any JSON object.
             spec["default"] = {}
+            spec.pop("additionalProperties", None)
         specs[name] = spec
     return specs
