@@ -1,10 +1,12 @@
-"""`daert up` (what `make up` runs): supervised services and the embedded LLM, health, first
-calls through grpcurl, a clean stop, and a crash that stops the stack."""
+"""`daert up` (what `make up` runs): supervised services, the embedded LLM and Airflow,
+health, first calls through grpcurl, the ingestion DAG triggered through Airflow's REST API, a
+clean stop, and a crash that stops the stack."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 from daert.runtime.registry import SERVICES
 
 from tests.helpers import free_port
@@ -38,7 +41,7 @@ class Stack:
 
 
 @contextmanager
-def daert_up(tmp_path: Path, **env_vars: str) -> Iterator[Stack]:
+def daert_up(tmp_path: Path, *args: str, **env_vars: str) -> Iterator[Stack]:
     env = dict(os.environ)
     ports: dict[str, Any] = {}
     for service in SERVICES:  # free ports, so a stack already running here is no obstacle
@@ -47,13 +50,15 @@ def daert_up(tmp_path: Path, **env_vars: str) -> Iterator[Stack]:
         env[f"DAERT_{service.upper()}_METRICS_PORT"] = str(ports[service][1])
     ports["llm"] = free_port()
     env["DAERT_LLM_PORT"] = str(ports["llm"])
+    ports["airflow"] = free_port()
+    env["DAERT_AIRFLOW_PORT"] = str(ports["airflow"])
     for var in _STARTED_BY_UP:
         env.pop(var, None)
     env.update(env_vars, DAERT_STATE_DIR=str(tmp_path / "state"))
     out = tmp_path / "up.out"
     with out.open("w") as sink:
         up = subprocess.Popen(
-            [sys.executable, "-m", "daert", "up"],
+            [sys.executable, "-m", "daert", "up", *args],
             env=env,
             stdout=sink,
             stderr=subprocess.STDOUT,
@@ -92,6 +97,7 @@ def test_up_serves_all_seven_services_over_the_embedded_llm(grpcurl: Path, tmp_p
             assert f"http://localhost:{service_metrics}/metrics" in banner
         assert len(SERVICES) == 7
         assert f"llm          http http://127.0.0.1:{stack.ports['llm']}" in banner
+        assert f"airflow      http http://localhost:{stack.ports['airflow']}" in banner
         # Every service SERVING, generation included: its model is the embedded LLM.
         assert not any("NOT_SERVING" in line for line in stack.banner_lines()), banner
         assert "grpcurl -plaintext" in banner and "started Redis at redis://127.0.0.1:" in banner
@@ -160,6 +166,7 @@ def test_up_with_your_own_models_runs_no_llm_and_stops_cleanly(
     dead = f"http://127.0.0.1:{free_port()}"
     with daert_up(
         tmp_path,
+        DAERT_AIRFLOW_ENABLED="false",
         DAERT_GENERATION_MODELS=json.dumps([{"name": "llama3.2", "url": dead}]),
         DAERT_CONTEXT_TOKENIZERS=json.dumps(
             [{"name": "llama3.2", "kind": "llama_cpp", "url": dead}]
@@ -167,6 +174,7 @@ def test_up_with_your_own_models_runs_no_llm_and_stops_cleanly(
     ) as stack:
         banner = stack.text()
         assert "no embedded LLM" in banner and "llm          http" not in banner
+        assert "airflow      http" not in banner
         lines = stack.banner_lines()
         for service in ("generation", "context"):
             row = next(
@@ -191,3 +199,84 @@ def test_up_with_your_own_models_runs_no_llm_and_stops_cleanly(
         ).stdout.split()
         assert survivors == []
         assert not (tmp_path / "state" / "pgdata" / "postmaster.pid").exists()
+
+
+def _await_run(api: httpx.Client, run: str, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = api.get(f"/api/v2/dags/daert_ingest/dagRuns/{run}").json()["state"]
+        if state in ("success", "failed") or time.monotonic() > deadline:
+            return str(state)
+        time.sleep(1.0)
+
+
+def test_up_runs_airflow_and_its_ingestion_dag_over_the_rest_api(
+    grpcurl: Path, tmp_path: Path
+) -> None:
+    with daert_up(tmp_path, "--only", "embedding", "retrieval") as stack:
+        banner = stack.text()
+        url = f"http://localhost:{stack.ports['airflow']}"
+        assert f"airflow      http {url}" in banner
+        login = re.search(r"log in as admin / (\S+) \(kept in (\S+)\)", banner)
+        assert login, banner
+        assert json.loads(Path(login[2]).read_text()) == {"admin": login[1]}
+        # The metadata is in PostgreSQL (a database of its own), not SQLite.
+        assert not list((tmp_path / "state" / "airflow").glob("*.db"))
+
+        # The DAG's default source is the documents folder the banner names.
+        documents = tmp_path / "state" / "documents"
+        assert f"drop documents into {documents}" in banner
+        (documents / "runbooks").mkdir()
+        (documents / "runbooks" / "retries.md").write_text(
+            "# Retries\n\nThe ingestion worker retries a failed upload with a zephyrine "
+            "backoff of five seconds.\n"
+        )
+        (documents / "notes.txt").write_text("Plain notes about the staging cluster.\n")
+
+        with httpx.Client(base_url=url, timeout=30) as ui:
+            assert "<html" in ui.get("/").text.lower()
+            token = ui.post("/auth/token", json={"username": "admin", "password": login[1]})
+            assert token.status_code == 201, token.text
+            assert ui.get("/api/v2/dags").status_code == 401  # no token, no API
+        headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as api:
+            deadline = time.monotonic() + 120
+            while api.get("/api/v2/dags/daert_ingest").status_code != 200:
+                assert time.monotonic() < deadline, "the DAG processor never parsed dags/"
+                time.sleep(1.0)
+            assert api.get("/api/v2/importErrors").json()["total_entries"] == 0
+            started = api.post(
+                "/api/v2/dags/daert_ingest/dagRuns",
+                json={"logical_date": None, "conf": {"collection": "runbooks"}},
+            )
+            assert started.status_code == 200, started.text
+            run = started.json()["dag_run_id"]
+            assert _await_run(api, run, 240) == "success", stack.text()
+            summary = api.get(
+                f"/api/v2/dags/daert_ingest/dagRuns/{run}/taskInstances/summarize"
+                "/xcomEntries/return_value"
+            ).json()["value"]
+        assert summary["new"] == 2 and summary["failed"] == 0, summary
+
+        hits = grpcurl_call(
+            grpcurl, stack.ports["retrieval"][0], "daert.v1.RetrievalService/Search",
+            {"collection": "runbooks", "query_text": "zephyrine backoff"},
+        )["hits"]  # fmt: skip
+        assert hits[0]["chunk"]["metadata"]["source_uri"].endswith("runbooks/retries.md")
+
+        # Airflow is supervised like the services: a dead scheduler stops the stack.
+        scheduler = subprocess.run(
+            ["pgrep", "-s", str(stack.process.pid), "-f", "airflow scheduler"],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+        os.kill(int(scheduler[0]), signal.SIGKILL)
+        assert stack.process.wait(90) == 1
+        assert "airflow exited; stopping the rest" in stack.text()
+        # The killed scheduler's task runners are gone too; zombies left by its death (dead,
+        # waiting for init to reap them) do not count.
+        session = subprocess.run(
+            ["ps", "-o", "stat=,pid=,args=", "-s", str(stack.process.pid)],
+            capture_output=True,
+            text=True,
+        ).stdout.splitlines()
+        assert [p for p in session if not p.startswith("Z")] == []

@@ -11,10 +11,12 @@ Settings: `DAERT_AIRFLOW_*` (AirflowSettings).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,8 +28,6 @@ from typing import Any
 import psycopg
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from daert.local.child import terminate
 
 DEFAULT_PORT = 8080
 # The DAGs of this repository, for a stack started from its root (`make up`).
@@ -207,8 +207,14 @@ class EmbeddedAirflow:
         env = self.environment()
         for component in COMPONENTS:
             with (self.log_dir / f"{component}.log").open("ab") as log:
+                # A process group each: the scheduler's task runners and the api-server's
+                # workers are stopped with their component, even one that was killed.
                 self.processes[component] = subprocess.Popen(
-                    [*self._airflow(), component], env=env, stdout=log, stderr=subprocess.STDOUT
+                    [*self._airflow(), component],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    process_group=0,
                 )
         try:
             self._wait_healthy(self.settings.start_timeout_s)
@@ -267,10 +273,21 @@ class EmbeddedAirflow:
             time.sleep(0.5)
         return None
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM to every component's process group, SIGKILL to what is left after
+        `grace_s`."""
         processes, self.processes = self.processes, {}
         for process in processes.values():
-            if process.poll() is None:
-                process.terminate()
+            _signal_group(process, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
         for process in processes.values():
-            terminate(process, timeout_s=20.0)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(max(0.0, deadline - time.monotonic()))
+        for process in processes.values():
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):  # the whole group has ended
+        os.killpg(process.pid, sig)
