@@ -116,3 +116,24 @@ def test_a_dead_retrieval_service_fails_fast(
     with pytest.raises(ServiceUnavailable, match=f"the retrieval service at {dead} answered"):
         prepare({"source": str(tmp_path), "collection": "never"})
     assert time.monotonic() - started < 10
+
+
+def test_a_document_over_the_size_limit_fails_alone(
+    embedding_server: ServerProcess,
+    retrieval_server: ServerProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DAERT_EMBEDDING_TARGET", embedding_server.target)
+    monkeypatch.setenv("DAERT_RETRIEVAL_TARGET", retrieval_server.target)
+    (tmp_path / "small.md").write_text("# Small\n\nA short note.\n")
+    (tmp_path / "large.txt").write_text("A long line of text. " * 100)  # 2,100 bytes
+    monkeypatch.setenv("DAERT_INGEST_MAX_DOCUMENT_BYTES", "1000")
+    summary = _run({"source": str(tmp_path), "collection": f"size_{uuid.uuid4().hex[:8]}"})
+    assert (summary["new"], summary["failed"]) == (1, 1)
+    assert summary["failures"] == [
+        {
+            "uri": (tmp_path / "large.txt").as_uri(),
+            "reason": "2100 bytes, over DAERT_INGEST_MAX_DOCUMENT_BYTES (1000)",
+        }
+    ]

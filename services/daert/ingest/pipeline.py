@@ -375,9 +375,13 @@ async def _fetch_all(
     async def one(document: SourceDocument, http: httpx.AsyncClient) -> Fetched | DocumentProblem:
         async with limit:
             try:
-                return await fetch(document, http)
+                fetched = await fetch(document, http)
             except DocumentProblem as problem:
                 return problem
+        size, most = len(fetched.data), settings.max_document_bytes
+        if size > most:
+            return DocumentFailed(f"{size} bytes, over DAERT_INGEST_MAX_DOCUMENT_BYTES ({most})")
+        return fetched
 
     async with httpx.AsyncClient(timeout=settings.fetch_timeout_s, follow_redirects=True) as http:
         return await asyncio.gather(*(one(d, http) for d in documents))

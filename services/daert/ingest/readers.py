@@ -24,7 +24,7 @@ from docx.text.paragraph import Paragraph
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from daert.ingest.errors import DocumentFailed, DocumentSkipped
+from daert.ingest.errors import DocumentFailed, DocumentProblem, DocumentSkipped
 
 
 @dataclass(frozen=True)
@@ -210,4 +210,10 @@ def reader_for(data: bytes, name: str, content_type: str | None = None) -> Reade
 
 def read(data: bytes, name: str, content_type: str | None = None) -> ParsedDocument:
     """The document's title and sections, or DocumentSkipped / DocumentFailed with a reason."""
-    return reader_for(data, name, content_type)(data, name)
+    reader = reader_for(data, name, content_type)
+    try:
+        return reader(data, name)
+    except DocumentProblem:
+        raise
+    except Exception as exc:  # a library's own error on a damaged file: this document's alone
+        raise DocumentFailed(f"unreadable: {type(exc).__name__}: {exc}") from exc

@@ -20,6 +20,11 @@ class IngestSettings(BaseSettings):
     )
     fetch_timeout_s: float = Field(30.0, gt=0, description="Per-request timeout for http(s).")
     fetch_concurrency: int = Field(8, gt=0, description="Documents fetched at the same time.")
+    max_document_bytes: int = Field(
+        50_000_000,
+        gt=0,
+        description="A larger document fails with a reason instead of being read into memory.",
+    )
     write_concurrency: int = Field(
         4, gt=0, description="ReplaceDocument calls in flight at the same time."
     )
