@@ -256,6 +256,14 @@ def test_up_runs_airflow_and_its_ingestion_dag_over_the_rest_api(
                 f"/api/v2/dags/daert_ingest/dagRuns/{run}/taskInstances/summarize"
                 "/xcomEntries/return_value"
             ).json()["value"]
+            tasks = api.get(f"/api/v2/dags/daert_ingest/dagRuns/{run}/taskInstances").json()
+        # The UI labels each mapped batch with the files in it.
+        labels = [
+            t["rendered_map_index"]
+            for t in tasks["task_instances"]
+            if t["task_id"] == "ingest_batch"
+        ]
+        assert len(labels) == 1 and "notes.txt" in labels[0] and "retries.md" in labels[0], labels
         assert summary["new"] == 2 and summary["failed"] == 0, summary
 
         hits = grpcurl_call(
