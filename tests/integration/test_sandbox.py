@@ -15,6 +15,7 @@ import re
 import signal
 import socket
 import struct
+import sys
 import tempfile
 import textwrap
 import time
@@ -22,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import daert
 import grpc
 import pytest
 from daert.clients import SandboxClient, field_violations
@@ -1273,6 +1275,58 @@ async def test_host_files_are_not_readable(sandbox: ServerProcess, host_secret_f
     assert set(lines) == set(targets), reply.stdout
     for path in denied:
         assert lines[path].startswith("DENIED"), (path, lines[path])
+    await assert_still_serving(sandbox)
+
+
+def real_paths(*paths: str) -> set[str]:
+    """Each path with symlinks resolved (as mountinfo shows it) and as given, absolute."""
+    return {os.path.realpath(p) for p in paths} | {os.path.abspath(p) for p in paths}
+
+
+def packages_dir() -> str:
+    """DAERT_SANDBOX_PACKAGES_DIR with symlinks resolved, as mountinfo shows it."""
+    return os.path.realpath(os.environ["DAERT_SANDBOX_PACKAGES_DIR"])
+
+
+def host_path_pattern(paths: set[str]) -> re.Pattern[str]:
+    """Any of `paths` as a whole path or a path's start (`/root` matches `/root/x`, not
+    `/rootfs`), as /proc/self/mountinfo and /proc/self/mounts write them."""
+    escaped = sorted((re.escape(p.replace(" ", "\\040")) for p in paths), key=len, reverse=True)
+    return re.compile(rf"(?<![^\s=,:])({'|'.join(escaped)})(?=[/\s,]|$)", re.M)
+
+
+async def test_mounts_name_no_host_path(sandbox: ServerProcess) -> None:
+    """Every mount the code can list names no host path that says where the service lives:
+    its checkout and install location, its venv, the home folder, the state folder. The
+    allowed packages' folder shows only as the source ("root" field) of its own mount, which
+    bubblewrap cannot hide (see drivers.bubblewrap)."""
+    packages = packages_dir()
+    forbidden = real_paths(
+        str(REPO),
+        daert.__path__[0],  # the install location
+        sys.prefix,  # the venv
+        os.environ["HOME"],
+        os.environ.get("DAERT_STATE_DIR", ".daert/state"),
+        packages,
+    )
+    reply = await execute(
+        sandbox,
+        """
+        for name in ("/proc/self/mountinfo", "/proc/self/mounts", "/proc/1/mountinfo"):
+            print(open(name).read(), end="")
+        """,
+    )
+    assert reply.exit_code == 0, reply.stderr
+    mountinfo = [line.split() for line in reply.stdout.splitlines() if " - " in line]
+    assert any(fields[4] == "/opt/daert/agent.py" for fields in mountinfo), reply.stdout
+    # The one mount allowed to show the packages' folder: as its root, at a neutral place.
+    shown = [
+        line
+        for line in reply.stdout.splitlines()
+        if not (line.split()[3:5] == [packages, "/opt/daert/packages"] and " - " in line)
+    ]
+    leaks = host_path_pattern(forbidden).findall("\n".join(shown))
+    assert not leaks, f"host paths {sorted(set(leaks))} in:\n{reply.stdout}"
     await assert_still_serving(sandbox)
 
 

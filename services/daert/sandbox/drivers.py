@@ -90,14 +90,39 @@ def seccomp_filter() -> bytes:
         return program.read()
 
 
+def agent_source() -> int:
+    """A readable descriptor holding the agent's source, for bubblewrap to copy into the
+    sandbox's own tmpfs: a bind mount of AGENT would name its host path (the service's
+    install location) in the sandbox's /proc/self/mountinfo."""
+    fd = os.memfd_create("daert-agent", os.MFD_CLOEXEC)
+    try:
+        with open(fd, "wb", closefd=False) as handle:
+            handle.write(AGENT.read_bytes())
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def bubblewrap(
     settings: SandboxSettings,
     limits: Limits,
     uid: int | None,
     fds: tuple[int, int],
     seccomp_fd: int,
+    agent_fd: int,
 ) -> Launch:
-    """`seccomp_fd` is a readable descriptor holding `seccomp_filter()`'s program."""
+    """`seccomp_fd` is a readable descriptor holding `seccomp_filter()`'s program, `agent_fd`
+    one holding `agent_source()`.
+
+    Nothing is bound from a path that names the service's checkout, venv or home: the agent
+    is a copy in bwrap's tmpfs, the rest are system paths. Two sources stay visible in
+    /proc/self/mountinfo, whose "root" field is a bind mount's source path within its
+    filesystem and which no bind mount can change: the allowed packages' folder (bound at
+    INSIDE_PACKAGES; hidden only on a filesystem of its own, e.g. a volume, as copying
+    hundreds of MiB into every sandbox is no option) and an interpreter outside /usr (bound
+    at its own path, which its standard library needs)."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise FileNotFoundError("bwrap not found: install Debian's bubblewrap package")
@@ -118,7 +143,7 @@ def bubblewrap(
         argv += ["--ro-bind", prefix, prefix]
     # fontconfig's configuration, for matplotlib's text rendering (present or not).
     argv += ["--ro-bind-try", "/etc/fonts", "/etc/fonts"]
-    argv += ["--ro-bind", str(AGENT), INSIDE_AGENT]
+    argv += ["--ro-bind-data", str(agent_fd), INSIDE_AGENT]
     if settings.packages_dir is not None:
         argv += ["--ro-bind", str(settings.packages_dir), INSIDE_PACKAGES]
     workspace_bytes = str(settings.workspace_mb * 1024 * 1024)

@@ -121,8 +121,9 @@ class Interpreter:
             seccomp_r, seccomp_w = os.pipe()  # the program is small: fits the pipe buffer
             os.write(seccomp_w, self._seccomp)
             os.close(seccomp_w)
-            passed.append(seccomp_r)
-            launch = drivers.bubblewrap(self._settings, self.limits, uid, fds, seccomp_r)
+            agent = drivers.agent_source()
+            passed += [seccomp_r, agent]
+            launch = drivers.bubblewrap(self._settings, self.limits, uid, fds, seccomp_r, agent)
         else:
             self._workdir = tempfile.mkdtemp(prefix="daert-sandbox-")
             if uid is not None:
