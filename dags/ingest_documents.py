@@ -8,8 +8,9 @@ and writes them through the retrieval service, one atomic ReplaceDocument per do
 
 Incremental: a document whose content and settings are unchanged is neither parsed nor
 embedded again; `sync` mode also deletes the documents gone from the source. Each mapped
-`ingest_batch` task is one batch of documents, labelled with their names; a bad document is
-reported in the summary and never fails the others. The last task's result is the summary,
+`ingest_batch` task is one batch of the documents with work to do (prepare() fetched and
+hashed them all), labelled with their names; a bad document is reported in the summary and
+never fails the others. The last task's result is the summary,
 and the collection's asset (`daert://<tenant>/<collection>`) is updated for DAGs scheduled on
 fresh data.
 
@@ -74,9 +75,14 @@ def _params() -> dict[str, Param]:
 def daert_ingest() -> None:
     @task
     def prepare() -> list[dict[str, Any]]:
-        """Validate the params, make sure the collection exists, list the source: the
-        batches of documents to map over."""
-        return pipeline.prepare(get_current_context()["params"])["batches"]
+        """Validate the params, make sure the collection exists, and find the documents
+        with work to do: the batches to map over (none when nothing changed)."""
+        context = get_current_context()
+        plan = pipeline.prepare(context["params"])
+        # Only a task's return value can be mapped over; the rest goes under its own keys.
+        context["ti"].xcom_push(key="document_ids", value=plan["document_ids"])
+        context["ti"].xcom_push(key="report", value=plan["report"])
+        return plan["batches"]
 
     @task(map_index_template="{{ batch_label }}")
     def ingest_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -85,19 +91,22 @@ def daert_ingest() -> None:
         return pipeline.ingest_batch(context["params"], batch)
 
     @task
-    def remove_vanished(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    def remove_vanished() -> dict[str, Any]:
         """sync mode: delete the documents that left the source (else nothing)."""
-        present = [d["document_id"] for batch in batches for d in batch["documents"]]
-        return pipeline.remove_vanished(get_current_context()["params"], present)
+        context = get_current_context()
+        present = context["ti"].xcom_pull(task_ids="prepare", key="document_ids")
+        return pipeline.remove_vanished(context["params"], present)
 
-    @task(outlets=[INGESTED])
+    # none_failed: also when no batch was mapped (nothing changed), never after a failure.
+    @task(outlets=[INGESTED], trigger_rule="none_failed")
     def summarize(reports: list[dict[str, Any]], removal: dict[str, Any]) -> dict[str, Any]:
         """The run's summary (its result, timed from the run's start), and the collection's
         asset event."""
         context = get_current_context()
         params = context["params"]
+        checked = context["ti"].xcom_pull(task_ids="prepare", key="report")
         started = context["dag_run"].start_date
-        summary = pipeline.summarize(params, list(reports), removal, started)
+        summary = pipeline.summarize(params, [checked, *(reports or [])], removal, started)
         uri = f"daert://{params.get('tenant') or 'default'}/{params['collection']}"
         counts = {k: summary[k] for k in _ASSET_COUNTS}
         context["outlet_events"][INGESTED].add(Asset(uri), extra=counts)
@@ -105,7 +114,9 @@ def daert_ingest() -> None:
 
     batches = prepare()
     reports = ingest_batch.expand(batch=batches)
-    summarize(reports, remove_vanished(batches))
+    removal = remove_vanished()
+    batches >> removal
+    summarize(reports, removal)
 
 
 daert_ingest()

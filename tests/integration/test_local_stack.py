@@ -201,6 +201,25 @@ def test_up_with_your_own_models_runs_no_llm_and_stops_cleanly(
         assert not (tmp_path / "state" / "pgdata" / "postmaster.pid").exists()
 
 
+def _trigger(api: httpx.Client, conf: dict[str, Any]) -> str:
+    started = api.post(
+        "/api/v2/dags/daert_ingest/dagRuns", json={"logical_date": None, "conf": conf}
+    )
+    assert started.status_code == 200, started.text
+    return str(started.json()["dag_run_id"])
+
+
+def _tasks(api: httpx.Client, run: str) -> list[dict[str, Any]]:
+    reply = api.get(f"/api/v2/dags/daert_ingest/dagRuns/{run}/taskInstances").json()
+    return list(reply["task_instances"])
+
+
+def _result(api: httpx.Client, run: str) -> dict[str, Any]:
+    """The run's summary: the return value of its last task."""
+    path = f"/api/v2/dags/daert_ingest/dagRuns/{run}/taskInstances/summarize/xcomEntries"
+    return dict(api.get(f"{path}/return_value").json()["value"])
+
+
 def _await_run(api: httpx.Client, run: str, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -245,26 +264,21 @@ def test_up_runs_airflow_and_its_ingestion_dag_over_the_rest_api(
                 assert time.monotonic() < deadline, "the DAG processor never parsed dags/"
                 time.sleep(1.0)
             assert api.get("/api/v2/importErrors").json()["total_entries"] == 0
-            started = api.post(
-                "/api/v2/dags/daert_ingest/dagRuns",
-                json={"logical_date": None, "conf": {"collection": "runbooks"}},
-            )
-            assert started.status_code == 200, started.text
-            run = started.json()["dag_run_id"]
+            run = _trigger(api, {"collection": "runbooks"})
             assert _await_run(api, run, 240) == "success", stack.text()
-            summary = api.get(
-                f"/api/v2/dags/daert_ingest/dagRuns/{run}/taskInstances/summarize"
-                "/xcomEntries/return_value"
-            ).json()["value"]
-            tasks = api.get(f"/api/v2/dags/daert_ingest/dagRuns/{run}/taskInstances").json()
-        # The UI labels each mapped batch with the files in it.
-        labels = [
-            t["rendered_map_index"]
-            for t in tasks["task_instances"]
-            if t["task_id"] == "ingest_batch"
-        ]
-        assert len(labels) == 1 and "notes.txt" in labels[0] and "retries.md" in labels[0], labels
+            summary = _result(api, run)
+            batches = [t for t in _tasks(api, run) if t["task_id"] == "ingest_batch"]
+            # Nothing changed since: the next run maps no batch at all.
+            again = _trigger(api, {"collection": "runbooks"})
+            assert _await_run(api, again, 240) == "success", stack.text()
+            unchanged = _result(api, again)
+            states = {t["task_id"]: t["state"] for t in _tasks(api, again)}
         assert summary["new"] == 2 and summary["failed"] == 0, summary
+        # The UI labels each mapped batch with the files in it.
+        labels = [t["rendered_map_index"] for t in batches]
+        assert len(labels) == 1 and "notes.txt" in labels[0] and "retries.md" in labels[0], labels
+        assert (unchanged["unchanged"], unchanged["chunks_embedded"]) == (2, 0), unchanged
+        assert states["ingest_batch"] == "skipped" and states["summarize"] == "success", states
 
         hits = grpcurl_call(
             grpcurl, stack.ports["retrieval"][0], "daert.v1.RetrievalService/Search",

@@ -129,34 +129,59 @@ def _now() -> str:
 # --- prepare --------------------------------------------------------------------------
 
 
-async def _ensure_collection(params: IngestParams) -> dict[str, Any]:
-    async with EmbeddingClient() as embedding, RetrievalClient() as retrieval:
-        model = await _model(embedding, params.embedding_model)
-        if params.dimensions > model.dimensions:
-            raise invalid_params(
-                f"dimensions: {params.dimensions} is more than the {model.dimensions} of "
-                f"model {model.name!r}"
-            )
-        dimensions = params.dimensions or model.dimensions
-        reply = await _call(
-            retrieval,
-            f"creating collection {params.collection!r}",
-            retrieval.stub.CreateCollection(
-                retrieval_pb2.CreateCollectionRequest(
-                    collection=params.collection,
-                    tenant=params.tenant,
-                    dimensions=dimensions,
-                    if_not_exists=True,
-                )
-            ),
+async def _ensure_collection(
+    params: IngestParams, model: embedding_pb2.EmbeddingModel, retrieval: RetrievalClient
+) -> dict[str, Any]:
+    if params.dimensions > model.dimensions:
+        raise invalid_params(
+            f"dimensions: {params.dimensions} is more than the {model.dimensions} of "
+            f"model {model.name!r}"
         )
+    dimensions = params.dimensions or model.dimensions
+    reply = await _call(
+        retrieval,
+        f"creating collection {params.collection!r}",
+        retrieval.stub.CreateCollection(
+            retrieval_pb2.CreateCollectionRequest(
+                collection=params.collection,
+                tenant=params.tenant,
+                dimensions=dimensions,
+                if_not_exists=True,
+            )
+        ),
+    )
     return {"model": model.name, "dimensions": dimensions, "collection_created": reply.created}
 
 
+# Documents fetched and hashed at a time while prepare() sorts out what has changed, so that
+# a large source is never held in memory at once.
+TRIAGE_GROUP = 64
+
+
+async def _prepare(
+    params: IngestParams, documents: list[SourceDocument], report: BatchReport
+) -> tuple[dict[str, Any], list[SourceDocument]]:
+    """The collection made sure of, and the documents with work to do (new, changed, or
+    every one in "full" mode); `report` counts the others."""
+    settings = ingest_settings()
+    async with EmbeddingClient() as embedding, RetrievalClient() as retrieval:
+        model = await _model(embedding, params.embedding_model)
+        collection = await _ensure_collection(params, model, retrieval)
+        run = _BatchRun(params, embedding, retrieval, model, settings, report)
+        work: list[SourceDocument] = []
+        for start in range(0, len(documents), TRIAGE_GROUP):
+            group = documents[start : start + TRIAGE_GROUP]
+            work += [w.document for w in await run.triage(group, settings)]
+    return collection, work
+
+
 def prepare(params: Params) -> dict[str, Any]:
-    """Validate the params, list the source and make sure the collection exists.
+    """Validate the params, make sure the collection exists, list the source, and fetch and
+    hash every document to find those with work to do: only they are batched, so a run over
+    an unchanged source maps no batch at all.
 
     Returns ``{"batches": [{"label", "documents": [{uri, document_id, name, source}]}],
+    "report": a BatchReport of the documents not batched (unchanged, or failed to fetch),
     "document_ids": [every listed id], "documents": n, "collection", "tenant", "model",
     "dimensions", "collection_created", "started_at"}``. Raises InvalidParams, EmptySource
     (a source entry matches nothing), ServiceUnavailable or IngestError.
@@ -164,12 +189,19 @@ def prepare(params: Params) -> dict[str, Any]:
     started_at = _now()
     checked = parse_params(params)
     documents = list_source(checked.sources)
-    collection = asyncio.run(_ensure_collection(checked))
-    planned = batches(documents, checked.batch_size)
+    report = BatchReport(label="prepare")
+    collection, work = asyncio.run(_prepare(checked, documents, report))
+    report.seen = len(documents) - len(work)
+    planned = batches(work, checked.batch_size)
     log.info(
-        "%d documents in %d batches for collection %r (model %s, %d dimensions%s)",
+        "%d documents: %d to write in %d batches, %d unchanged, %d failed, %d skipped; "
+        "collection %r (model %s, %d dimensions%s)",
         len(documents),
+        len(work),
         len(planned),
+        report.unchanged,
+        report.failed,
+        report.skipped,
         checked.collection,
         collection["model"],
         collection["dimensions"],
@@ -177,6 +209,7 @@ def prepare(params: Params) -> dict[str, Any]:
     )
     return {
         "batches": [batch.to_dict() for batch in planned],
+        "report": asdict(report),
         "document_ids": [d.document_id for d in documents],
         "documents": len(documents),
         "collection": checked.collection,
@@ -219,6 +252,16 @@ class BatchReport:
 
 
 @dataclass(frozen=True)
+class _Work:
+    """A document that differs from what the collection holds (or "full" mode)."""
+
+    document: SourceDocument
+    fetched: Fetched
+    digest: str
+    status: Status
+
+
+@dataclass(frozen=True)
 class _Prepared:
     """A document that is to be written: its chunks and their metadata."""
 
@@ -229,30 +272,31 @@ class _Prepared:
 
 
 class _BatchRun:
-    """One batch: the clients, the model and the chunker it needs, and its report."""
+    """One batch (or prepare()'s look at the whole source): the clients, the model and the
+    chunker it needs, and its report."""
 
     def __init__(
         self,
         params: IngestParams,
         embedding: EmbeddingClient,
         retrieval: RetrievalClient,
-        model: str,
-        chunker: Chunker,
+        model: embedding_pb2.EmbeddingModel,
+        settings: IngestSettings,
         report: BatchReport,
     ) -> None:
         self.params = params
         self.embedding = embedding
         self.retrieval = retrieval
-        self.model = model
-        self.chunker = chunker
+        self.model = model.name
+        self.chunker = _chunker(model, params, settings)
         self.report = report
         self.ingested_at = _now()
         self.fingerprint = ingest_fingerprint(
-            model=model,
+            model=model.name,
             dimensions=params.dimensions,
             chunk_tokens=params.chunk_tokens,
             overlap_tokens=params.chunk_overlap_tokens,
-            capacity=chunker.capacity,
+            capacity=self.chunker.capacity,
             metadata=params.metadata,
         )
 
@@ -274,15 +318,49 @@ class _BatchRun:
         # params reject user keys that collide with ours; ours last all the same.
         return {**self.params.metadata, **ours}
 
-    def prepare(
-        self, document: SourceDocument, fetched: Fetched, digest: str, status: Status
-    ) -> _Prepared:
-        parsed = read(fetched.data, document.name, fetched.content_type)
+    async def triage(
+        self, documents: Sequence[SourceDocument], settings: IngestSettings
+    ) -> list[_Work]:
+        """Fetch and hash the documents and compare each with what the collection holds:
+        the report counts the unchanged ones (skipped before any parsing or embedding) and
+        those that could not be fetched; the others are returned."""
+        fetched = await _fetch_all(documents, settings)
+        stored: dict[str, StoredDocument] = {}
+        ids = [d.document_id for d in documents]
+        for start in range(0, len(ids), LIST_PAGE):  # the service takes so many ids a call
+            async for summary in _stored_documents(
+                self.retrieval, self.params, document_ids=ids[start : start + LIST_PAGE]
+            ):
+                stored[summary.document_id] = StoredDocument.from_metadata(
+                    summary.document_id, json_format.MessageToDict(summary.metadata)
+                )
+        work: list[_Work] = []
+        for document, got in zip(documents, fetched, strict=True):
+            if isinstance(got, DocumentProblem):
+                self.report.problem(document, got)
+                continue
+            digest = content_hash(got.data)
+            status = decide(
+                stored.get(document.document_id),
+                content_hash=digest,
+                fingerprint=self.fingerprint,
+                source=document.source,
+                mode=self.params.mode,
+            )
+            if status == Status.UNCHANGED:
+                self.report.unchanged += 1
+            else:
+                work.append(_Work(document, got, digest, status))
+        return work
+
+    def prepare(self, work: _Work) -> _Prepared:
+        document = work.document
+        parsed = read(work.fetched.data, document.name, work.fetched.content_type)
         chunks = self.chunker.chunks(document.document_id, parsed)
         if not chunks:
             raise DocumentSkipped("no text in the document")
-        metadata = [self.metadata(document, digest, parsed, chunk) for chunk in chunks]
-        return _Prepared(document, status, chunks, metadata)
+        metadata = [self.metadata(document, work.digest, parsed, chunk) for chunk in chunks]
+        return _Prepared(document, work.status, chunks, metadata)
 
     async def embed(self, prepared: _Prepared) -> list[list[float]]:
         vectors: list[list[float]] = []
@@ -354,6 +432,18 @@ class _BatchRun:
         log.info("%s: %s, %d chunks", prepared.document.name, status, len(prepared.chunks))
 
 
+def _chunker(
+    model: embedding_pb2.EmbeddingModel, params: IngestParams, settings: IngestSettings
+) -> Chunker:
+    """The chunker for the model, counting with its tokenizer and within its input limit."""
+    return Chunker(
+        load_tokenizer(tokenizer_file(model.name, settings.tokenizers)),
+        model.max_input_tokens,
+        params.chunk_tokens,
+        params.chunk_overlap_tokens,
+    )
+
+
 def _chunk_field(field_name: str, offset: int) -> str:
     """Field "inputs[3]" of one Embed call, as the chunk it is within the document."""
     if field_name.startswith("inputs[") and field_name.endswith("]"):
@@ -396,41 +486,14 @@ async def _ingest_batch(
         RetrievalClient() as retrieval,
     ):
         model = await _model(embedding, params.embedding_model)
-        chunker = Chunker(
-            load_tokenizer(tokenizer_file(model.name, settings.tokenizers)),
-            model.max_input_tokens,
-            params.chunk_tokens,
-            params.chunk_overlap_tokens,
-        )
-        run = _BatchRun(params, embedding, retrieval, model.name, chunker, report)
-        fetched = await _fetch_all(documents, settings)
-        ids = [d.document_id for d in documents]
-        stored = {
-            s.document_id: StoredDocument.from_metadata(
-                s.document_id, json_format.MessageToDict(s.metadata)
-            )
-            async for s in _stored_documents(retrieval, params, document_ids=ids)
-        }
+        run = _BatchRun(params, embedding, retrieval, model, settings, report)
+        # Checked again: the document may have changed (or been written) since prepare().
         todo: list[_Prepared] = []
-        for document, got in zip(documents, fetched, strict=True):
-            if isinstance(got, DocumentProblem):
-                report.problem(document, got)
-                continue
-            digest = content_hash(got.data)
-            status = decide(
-                stored.get(document.document_id),
-                content_hash=digest,
-                fingerprint=run.fingerprint,
-                source=document.source,
-                mode=params.mode,
-            )
-            if status == Status.UNCHANGED:  # skipped before any parsing or embedding
-                report.unchanged += 1
-                continue
+        for work in await run.triage(documents, settings):
             try:
-                todo.append(run.prepare(document, got, digest, status))
+                todo.append(run.prepare(work))
             except DocumentProblem as problem:
-                report.problem(document, problem)
+                report.problem(work.document, problem)
         limit = asyncio.Semaphore(settings.write_concurrency)
         try:
             async with asyncio.TaskGroup() as group:
