@@ -241,6 +241,24 @@ async def test_expired_deadline_gives_deadline_exceeded(embedding_server: Server
     assert embedding_server.health() == "SERVING"
 
 
+async def test_invalid_utf8_on_the_wire_is_invalid_argument_naming_the_field(
+    embedding_server: ServerProcess,
+) -> None:
+    # Found by tests/fuzz: inputs[0] = "x", a lone surrogate (U+D800 as UTF-8), "y" was
+    # answered UNKNOWN ("Unexpected DecodeError") by grpc before any servicer saw it.
+    async with grpc.aio.insecure_channel(embedding_server.target) as channel:
+        embed = channel.unary_unary(
+            "/daert.v1.EmbeddingService/Embed",
+            request_serializer=lambda raw: raw,
+            response_deserializer=embedding_pb2.EmbedResponse.FromString,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await embed(b"\n\x05x\xed\xa0\x80y", timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert list(field_violations(caught.value)) == ["inputs[0]"]
+    assert embedding_server.health() == "SERVING"
+
+
 async def test_request_id_is_logged_and_returned(embedding_server: ServerProcess) -> None:
     async with EmbeddingClient(embedding_server.target) as client:
         call = client.stub.Embed(

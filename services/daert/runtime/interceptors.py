@@ -19,7 +19,7 @@ from daert.runtime.rpc_context import (
     new_request_id,
     request_id_var,
 )
-from daert.runtime.validation import reject_nul
+from daert.runtime.validation import check_request, decoder
 
 log = logging.getLogger("daert.rpc")
 
@@ -51,7 +51,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method: str = details.method
         request_id = _request_id_from(details.invocation_metadata)
         codec = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": decoder(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
@@ -68,7 +68,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap_unary(self, behavior: UnaryBehavior, method: str, request_id: str) -> UnaryBehavior:
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._rpc(method, request_id, context):
-                reject_nul(request)
+                check_request(request)
                 return await behavior(request, context)
 
         return unary
@@ -78,7 +78,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> StreamBehavior:
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._rpc(method, request_id, context):
-                reject_nul(request)
+                check_request(request)
                 async for response in behavior(request, context):
                     yield response
 
