@@ -33,7 +33,7 @@ export PATH := $(CURDIR)/$(TOOLS):$(PATH)
 export HF_HUB_OFFLINE := 1
 export DAERT_SANDBOX_PACKAGES_DIR ?= $(SANDBOX_PACKAGES)
 
-.PHONY: help setup system-packages up test lint proto bench clean
+.PHONY: help setup system-packages up test fuzz lint proto bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -129,6 +129,12 @@ test: setup ## run the test suite against real servers
 	$(VENV)/bin/pytest $(PYTEST_ARGS); status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; \
 	  exit $$status
+
+# The fuzz suite runs in `make test` with a small budget, derandomised; this runs it longer,
+# with fresh random examples each time (failures kept in .hypothesis/ and replayed first).
+FUZZ_EXAMPLES ?= 500
+fuzz: setup ## the fuzz suite (tests/fuzz) with a large budget: FUZZ_EXAMPLES per RPC
+	DAERT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) DAERT_FUZZ_PROFILE=fuzz $(VENV)/bin/pytest tests/fuzz $(PYTEST_ARGS)
 
 lint: setup ## buf lint, ruff, mypy
 	cd proto && ../$(TOOLS)/buf lint
