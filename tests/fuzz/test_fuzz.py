@@ -21,7 +21,7 @@ import pytest
 from daert.clients import field_violations
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-from hypothesis import event, given, settings
+from hypothesis import given, settings
 
 from tests.fuzz.conftest import TARGETS, FuzzTarget
 from tests.fuzz.strategies import requests
@@ -95,8 +95,6 @@ def check(method: MethodDescriptor, wire: bytes, address: str) -> None:
     started = time.monotonic()
     error = asyncio.run(_call(address, method, wire))
     elapsed = time.monotonic() - started
-    # `pytest --hypothesis-show-statistics` shows how far the examples got.
-    event("OK" if error is None else error.code().name)
     where = f"{method.full_name} on {_shown(method, wire)}"
     assert elapsed <= DEADLINE_S + SLACK_S, f"{where}: replied after {elapsed:.1f} s"
     if error is None:
