@@ -24,8 +24,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
-from daert.ingest import pipeline
 from daert.ingest.params import param_specs
+
+# The tasks import daert.ingest.pipeline (parsers, tokenizers, gRPC) when they run: the
+# dag-processor imports this file every 30 s, and its top level should stay light.
 
 # Every run adds the asset of the collection it wrote to this alias.
 INGESTED = AssetAlias("daert-ingested")
@@ -77,6 +79,8 @@ def daert_ingest() -> None:
     def prepare() -> list[dict[str, Any]]:
         """Validate the params, make sure the collection exists, and find the documents
         with work to do: the batches to map over (none when nothing changed)."""
+        from daert.ingest import pipeline
+
         context = get_current_context()
         plan = pipeline.prepare(context["params"])
         # Only a task's return value can be mapped over; the rest goes under its own keys.
@@ -86,6 +90,8 @@ def daert_ingest() -> None:
 
     @task(map_index_template="{{ batch_label }}")
     def ingest_batch(batch: dict[str, Any]) -> dict[str, Any]:
+        from daert.ingest import pipeline
+
         context = get_current_context()
         context["batch_label"] = batch["label"]  # type: ignore[typeddict-unknown-key]
         return pipeline.ingest_batch(context["params"], batch)
@@ -93,6 +99,8 @@ def daert_ingest() -> None:
     @task
     def remove_vanished() -> dict[str, Any]:
         """sync mode: delete the documents that left the source (else nothing)."""
+        from daert.ingest import pipeline
+
         context = get_current_context()
         present = context["ti"].xcom_pull(task_ids="prepare", key="document_ids")
         return pipeline.remove_vanished(context["params"], present)
@@ -102,6 +110,8 @@ def daert_ingest() -> None:
     def summarize(reports: list[dict[str, Any]], removal: dict[str, Any]) -> dict[str, Any]:
         """The run's summary (its result, timed from the run's start), and the collection's
         asset event."""
+        from daert.ingest import pipeline
+
         context = get_current_context()
         params = context["params"]
         checked = context["ti"].xcom_pull(task_ids="prepare", key="report")

@@ -18,7 +18,7 @@ def test_defaults() -> None:
         200,
         32,
     )
-    assert (params.batch_size, params.dimensions, params.tenant, params.metadata) == (16, 0, "", {})
+    assert (params.batch_size, params.dimensions, params.tenant, params.metadata) == (50, 0, "", {})
     assert params.sources == ["/data/docs"]
     assert parse_params({**VALID, "source": ["a", "b"]}).sources == ["a", "b"]
     assert parse_params(params) is params

@@ -67,7 +67,9 @@ class IngestParams(BaseModel):
         description="incremental: only new and changed documents; full: re-index everything; "
         "sync: incremental, and delete the documents gone from the source.",
     )
-    batch_size: int = Field(16, ge=1, le=1000, description="Documents per ingestion task.")
+    # Each task is a fresh process that imports Airflow and this package (seconds of CPU):
+    # a batch must carry enough work to pay for it.
+    batch_size: int = Field(50, ge=1, le=1000, description="Documents per ingestion task.")
 
     @field_validator("source")
     @classmethod
