@@ -42,7 +42,7 @@ non-streaming requests get the server's error response instead), ``error_type`` 
 of error that is, in TGI's words: ``"generation"`` (default), ``"validation"``,
 ``"overloaded"``; servers whose errors say so report it, the others ignore it),
 ``reply_tokens``, ``reply_fn``. They stay set until changed; :meth:`FakeLLMServer.reset`
-clears them all.
+clears them all. The delays are re-read while a wait is under way: lowering one releases it.
 
 Each fake has ``generation(prompt, ...)`` (the :class:`Generation`, with that server's
 stopping rules and defaults) and ``expected_text(prompt, ...)``, so tests can compute the
@@ -219,10 +219,18 @@ class FakeLLMServer(FakeHTTPServer):
 
     # -------------------------------------------------------------- internals
     async def _pace(self, index: int) -> None:
-        """Wait before token ``index`` (0-based) is produced."""
-        delay = self.first_token_delay_s if index == 0 else self.token_delay_s
-        if delay > 0:
-            await asyncio.sleep(delay)
+        """Wait before token ``index`` (0-based) is produced.
+
+        The delay is re-read while waiting (every 10 ms, as ``delay_s`` is), so a test can
+        hold a token for as long as it likes and release it by lowering the delay.
+        """
+        start = time.monotonic()
+        while True:
+            delay = self.first_token_delay_s if index == 0 else self.token_delay_s
+            remaining = delay - (time.monotonic() - start)
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(remaining, 0.01))
 
     def _fault(self, emitted: int) -> Literal["drop", "error"] | None:
         """The fault due once ``emitted`` tokens were written, if any."""

@@ -60,27 +60,29 @@ def test_two_fakes_get_distinct_ports() -> None:
 
 
 def test_delay_applies_to_inference_only(tei: FakeTEI) -> None:
+    # A delayed health check would take the hour: its 30 s timeout only runs out then.
+    tei.delay_s = 3600
+    assert httpx.get(f"{tei.url}/health", timeout=30).status_code == 200
     tei.delay_s = 0.3
-    t0 = time.monotonic()
-    assert httpx.get(f"{tei.url}/health").status_code == 200
-    assert time.monotonic() - t0 < 0.2
     t0 = time.monotonic()
     assert httpx.post(f"{tei.url}/embed", json={"inputs": "x"}).status_code == 200
     assert time.monotonic() - t0 >= 0.3
 
 
 def test_lowering_delay_releases_waiting_request(tei: FakeTEI) -> None:
-    tei.delay_s = 30
+    # Only lowering the delay answers the request within its 60 s timeout. The waits are
+    # polls: generous, as only a broken fake waits them out.
+    tei.delay_s = 3600
     result: list[int] = []
     thread = threading.Thread(
         target=lambda: result.append(
-            httpx.post(f"{tei.url}/embed", json={"inputs": "x"}, timeout=10).status_code
+            httpx.post(f"{tei.url}/embed", json={"inputs": "x"}, timeout=60).status_code
         )
     )
     thread.start()
-    assert tei.wait_for_requests(1, timeout=2, path="/embed")
+    assert tei.wait_for_requests(1, timeout=30, path="/embed")
     tei.delay_s = 0
-    thread.join(timeout=2)
+    thread.join(timeout=60)
     assert result == [200]
 
 
@@ -104,28 +106,28 @@ def test_fail_next_does_not_hit_health(tei: FakeTEI) -> None:
 
 
 async def test_disconnect_counted_when_async_client_cancels(tei: FakeTEI) -> None:
-    tei.delay_s = 5
+    # Longer than the waits: the request can only end by the disconnect, which is then
+    # counted while the handler still sleeps, not when it would have answered.
+    tei.delay_s = 60
     async with httpx.AsyncClient() as client:
         task = asyncio.create_task(client.post(f"{tei.url}/embed", json={"inputs": "x"}))
-        assert await asyncio.to_thread(tei.wait_for_requests, 1, 2.0, "/embed")
+        assert await asyncio.to_thread(tei.wait_for_requests, 1, 30.0, "/embed")
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    t0 = time.monotonic()
-    assert await asyncio.to_thread(tei.wait_for_disconnects, 1, 1.0)
-    assert time.monotonic() - t0 < 1.0
+    assert await asyncio.to_thread(tei.wait_for_disconnects, 1, 30.0)
     assert tei.disconnects == 1
 
 
 def test_disconnect_counted_on_client_timeout(ollama: FakeOllama) -> None:
-    ollama.delay_s = 5
+    ollama.delay_s = 60  # longer than the wait below: only the disconnect ends the request
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             f"{ollama.url}/api/embed",
             json={"model": "all-minilm", "input": "x"},
             timeout=httpx.Timeout(5.0, read=0.2),
         )
-    assert ollama.wait_for_disconnects(1, timeout=1.0)
+    assert ollama.wait_for_disconnects(1, timeout=30.0)
     assert ollama.disconnects == 1
 
 
@@ -265,20 +267,25 @@ def test_tei_body_rejections_are_plain_text(tei: FakeTEI) -> None:
 
 def test_tei_overloaded_when_permits_exhausted() -> None:
     with FakeTEI(max_concurrent_requests=1) as tei:
-        tei.delay_s = 0.5
+        tei.delay_s = 3600  # the first request holds the permit until released below
         first: list[int] = []
         thread = threading.Thread(
             target=lambda: first.append(
-                httpx.post(f"{tei.url}/embed", json={"inputs": "a"}).status_code
+                httpx.post(f"{tei.url}/embed", json={"inputs": "a"}, timeout=60).status_code
             )
         )
         thread.start()
-        assert tei.wait_for_requests(1, timeout=2, path="/embed")
-        time.sleep(0.1)  # let the first request take the permit
-        r = httpx.post(f"{tei.url}/embed", json={"inputs": "b"})
+        assert tei.wait_for_requests(1, timeout=30, path="/embed")
+        # Polled, not a guessed sleep: the first request has taken the only permit.
+        deadline = time.monotonic() + 30
+        while not (tei._permits and tei._permits.locked()):
+            assert time.monotonic() < deadline, "the first request never took the permit"
+            time.sleep(0.01)
+        r = httpx.post(f"{tei.url}/embed", json={"inputs": "b"}, timeout=30)
         assert r.status_code == 429
         assert r.json() == {"error": "Model is overloaded", "error_type": "Overloaded"}
-        thread.join(timeout=5)
+        tei.delay_s = 0
+        thread.join(timeout=60)
         assert first == [200]
 
 
