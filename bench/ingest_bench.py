@@ -142,6 +142,28 @@ def breakdown(api: httpx.Client, run: str, title: str) -> None:
     )
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system) of process `pid`, or of the whole machine."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    if pid is None:
+        user, nice, system = Path("/proc/stat").read_text().split()[1:4]
+        return (int(user) + int(nice) + int(system)) / ticks
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+class CpuShare:
+    """CPU seconds the embedding service used over a phase, next to the machine's."""
+
+    def __init__(self, embedding_pid: int) -> None:
+        self.pid = embedding_pid
+        self.start = (cpu_seconds(self.pid), cpu_seconds())
+
+    def line(self) -> str:
+        service, machine = cpu_seconds(self.pid) - self.start[0], cpu_seconds() - self.start[1]
+        return f"embedding service {service:6.1f} CPU s of the machine's {machine:6.1f}"
+
+
 async def stored_texts(target: str) -> list[str]:
     """Every chunk text of the collection: ListDocuments page by page, Get per page."""
     texts, token = [], ""
@@ -216,14 +238,19 @@ def main(documents: int, run_timeout_s: float) -> None:
                 raise RuntimeError(f"the DAG was never parsed; see {airflow.log_dir}")
             time.sleep(0.5)
 
+        assert emb.process is not None
         log("first run: every document new")
+        first_cpu = CpuShare(emb.process.pid)
         first_s, first_run = trigger(api, source, run_timeout_s)
+        first_cpu_line = first_cpu.line()
         first = summary(api, first_run)
         log(f"  {first['summary']}")
         log("raw embedding of the stored chunks")
         texts = asyncio.run(stored_texts(ret.target))
         assert len(texts) == first["chunks_written"], (len(texts), first["chunks_written"])
+        raw_cpu = CpuShare(emb.process.pid)
         raw_s = asyncio.run(embed_seconds(emb.target, texts))
+        raw_cpu_line = raw_cpu.line()
         log("re-run: nothing changed")
         again_s, again_run = trigger(api, source, run_timeout_s)
         again = summary(api, again_run)
@@ -247,6 +274,9 @@ def main(documents: int, run_timeout_s: float) -> None:
             f"of the first run   (goal <= 5 %)"
         )
         print(f"  re-run chunks embedded:           {again['chunks_embedded']:7d}    (must be 0)")
+        print("  CPU, where the difference goes (Airflow, task processes, retrieval, PostgreSQL):")
+        print(f"    first run:      {first_cpu_line}")
+        print(f"    raw embedding:  {raw_cpu_line}")
         breakdown(api, first_run, "first run")
         breakdown(api, again_run, "re-run")
         log("stopping Airflow, the services and PostgreSQL")

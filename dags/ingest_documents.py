@@ -7,7 +7,8 @@ chunks counted in the embedding model's own tokens, embeds them through the embe
 and writes them through the retrieval service, one atomic ReplaceDocument per document.
 
 Incremental: a document whose content and settings are unchanged is neither parsed nor
-embedded again; `sync` mode also deletes the documents gone from the source. Each mapped
+embedded again; `sync` mode also deletes (in `prepare`) the documents gone from the source.
+Each mapped
 `ingest_batch` task is one batch of the documents with work to do (prepare() fetched and
 hashed them all), labelled with their names; a bad document is reported in the summary and
 never fails the others. The last task's result is the summary,
@@ -77,15 +78,16 @@ def _params() -> dict[str, Param]:
 def daert_ingest() -> None:
     @task
     def prepare() -> list[dict[str, Any]]:
-        """Validate the params, make sure the collection exists, and find the documents
-        with work to do: the batches to map over (none when nothing changed)."""
+        """Validate the params, make sure the collection exists, delete what left the source
+        (sync mode), and find the documents with work to do: the batches to map over (none
+        when nothing changed)."""
         from daert.ingest import pipeline
 
         context = get_current_context()
         plan = pipeline.prepare(context["params"])
         # Only a task's return value can be mapped over; the rest goes under its own keys.
-        context["ti"].xcom_push(key="document_ids", value=plan["document_ids"])
         context["ti"].xcom_push(key="report", value=plan["report"])
+        context["ti"].xcom_push(key="removal", value=plan["removal"])
         return plan["batches"]
 
     @task(map_index_template="{{ batch_label }}")
@@ -96,18 +98,9 @@ def daert_ingest() -> None:
         context["batch_label"] = batch["label"]  # type: ignore[typeddict-unknown-key]
         return pipeline.ingest_batch(context["params"], batch)
 
-    @task
-    def remove_vanished() -> dict[str, Any]:
-        """sync mode: delete the documents that left the source (else nothing)."""
-        from daert.ingest import pipeline
-
-        context = get_current_context()
-        present = context["ti"].xcom_pull(task_ids="prepare", key="document_ids")
-        return pipeline.remove_vanished(context["params"], present)
-
     # none_failed: also when no batch was mapped (nothing changed), never after a failure.
     @task(outlets=[INGESTED], trigger_rule="none_failed")
-    def summarize(reports: list[dict[str, Any]], removal: dict[str, Any]) -> dict[str, Any]:
+    def summarize(reports: list[dict[str, Any]]) -> dict[str, Any]:
         """The run's summary (its result, timed from the run's start), and the collection's
         asset event."""
         from daert.ingest import pipeline
@@ -115,6 +108,7 @@ def daert_ingest() -> None:
         context = get_current_context()
         params = context["params"]
         checked = context["ti"].xcom_pull(task_ids="prepare", key="report")
+        removal = context["ti"].xcom_pull(task_ids="prepare", key="removal")
         started = context["dag_run"].start_date
         summary = pipeline.summarize(params, [checked, *(reports or [])], removal, started)
         uri = f"daert://{params.get('tenant') or 'default'}/{params['collection']}"
@@ -122,11 +116,7 @@ def daert_ingest() -> None:
         context["outlet_events"][INGESTED].add(Asset(uri), extra=counts)
         return summary
 
-    batches = prepare()
-    reports = ingest_batch.expand(batch=batches)
-    removal = remove_vanished()
-    batches >> removal
-    summarize(reports, removal)
+    summarize(ingest_batch.expand(batch=prepare()))
 
 
 daert_ingest()

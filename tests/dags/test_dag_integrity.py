@@ -27,10 +27,10 @@ def test_every_dag_file_imports_without_errors(dag_bag: Any) -> None:
 
 def test_the_ingestion_dag_is_there_with_its_tasks(dag_bag: Any) -> None:
     dag = dag_bag.dags["daert_ingest"]
-    assert set(dag.task_ids) == {"prepare", "ingest_batch", "remove_vanished", "summarize"}
-    # Batches and the sync-mode delete follow the plan; the summary waits for both.
+    assert set(dag.task_ids) == {"prepare", "ingest_batch", "summarize"}
+    # The batches follow the plan; the summary waits for every batch.
     assert dag.get_task("ingest_batch").upstream_task_ids == {"prepare"}
-    assert dag.get_task("summarize").upstream_task_ids == {"ingest_batch", "remove_vanished"}
+    assert dag.get_task("summarize").upstream_task_ids == {"ingest_batch"}
     assert dag.get_task("ingest_batch").retries >= 1
 
 

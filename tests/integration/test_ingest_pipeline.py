@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from daert.clients import RetrievalClient
 from daert.ingest.errors import ServiceUnavailable
-from daert.ingest.pipeline import ingest_batch, prepare, remove_vanished, summarize
+from daert.ingest.pipeline import ingest_batch, prepare, summarize
 from daert.local.postgres import EmbeddedPostgres
 from daert.testing import ServerProcess
 from daert.v1 import retrieval_pb2
@@ -34,11 +34,10 @@ def retrieval_server(postgres: EmbeddedPostgres) -> Iterator[ServerProcess]:
 
 
 def _run(params: dict[str, Any]) -> dict[str, Any]:
-    """What the DAG does: prepare, one ingest_batch per batch, remove_vanished, summarize."""
+    """What the DAG does: prepare, one ingest_batch per batch, summarize."""
     plan = prepare(params)
     reports = [ingest_batch(params, batch) for batch in plan["batches"]]
-    removal = remove_vanished(params, plan["document_ids"])
-    return summarize(params, [plan["report"], *reports], removal, plan["started_at"])
+    return summarize(params, [plan["report"], *reports], plan["removal"], plan["started_at"])
 
 
 def _stored(target: str, collection: str) -> dict[str, dict[str, Any]]:

@@ -1,5 +1,5 @@
-"""The functions the ingestion DAG's tasks call: prepare -> ingest_batch (one task per batch)
--> remove_vanished ("sync" mode) -> summarize.
+"""The functions the ingestion DAG's tasks call: prepare (which also deletes, in "sync" mode,
+the documents gone from the source) -> ingest_batch (one task per batch) -> summarize.
 
 Each is synchronous (it runs its async work with asyncio.run), takes the run's params (a
 dict or IngestParams) and returns a JSON-serialisable dict for XCom. They talk to the stack
@@ -160,9 +160,9 @@ TRIAGE_GROUP = 64
 
 async def _prepare(
     params: IngestParams, documents: list[SourceDocument], report: BatchReport
-) -> tuple[dict[str, Any], list[SourceDocument]]:
-    """The collection made sure of, and the documents with work to do (new, changed, or
-    every one in "full" mode); `report` counts the others."""
+) -> tuple[dict[str, Any], list[SourceDocument], dict[str, Any]]:
+    """The collection made sure of, the documents with work to do (new, changed, or every
+    one in "full" mode), and what "sync" mode deleted; `report` counts the others."""
     settings = ingest_settings()
     async with EmbeddingClient() as embedding, RetrievalClient() as retrieval:
         model = await _model(embedding, params.embedding_model)
@@ -172,7 +172,11 @@ async def _prepare(
         for start in range(0, len(documents), TRIAGE_GROUP):
             group = documents[start : start + TRIAGE_GROUP]
             work += [w.document for w in await run.triage(group, settings)]
-    return collection, work
+        removal = NOTHING_REMOVED
+        if params.mode == "sync":
+            present = {d.document_id for d in documents}
+            removal = await _remove_vanished(params, present, retrieval)
+    return collection, work, removal
 
 
 def prepare(params: Params) -> dict[str, Any]:
@@ -182,7 +186,8 @@ def prepare(params: Params) -> dict[str, Any]:
 
     Returns ``{"batches": [{"label", "documents": [{uri, document_id, name, source}]}],
     "report": a BatchReport of the documents not batched (unchanged, or failed to fetch),
-    "document_ids": [every listed id], "documents": n, "collection", "tenant", "model",
+    "removal": what "sync" mode deleted (see _remove_vanished), "document_ids": [every
+    listed id], "documents": n, "collection", "tenant", "model",
     "dimensions", "collection_created", "started_at"}``. Raises InvalidParams, EmptySource
     (a source entry matches nothing), ServiceUnavailable or IngestError.
     """
@@ -190,7 +195,7 @@ def prepare(params: Params) -> dict[str, Any]:
     checked = parse_params(params)
     documents = list_source(checked.sources)
     report = BatchReport(label="prepare")
-    collection, work = asyncio.run(_prepare(checked, documents, report))
+    collection, work, removal = asyncio.run(_prepare(checked, documents, report))
     report.seen = len(documents) - len(work)
     planned = batches(work, checked.batch_size)
     log.info(
@@ -210,6 +215,7 @@ def prepare(params: Params) -> dict[str, Any]:
     return {
         "batches": [batch.to_dict() for batch in planned],
         "report": asdict(report),
+        "removal": removal,
         "document_ids": [d.document_id for d in documents],
         "documents": len(documents),
         "collection": checked.collection,
@@ -536,31 +542,40 @@ def ingest_batch(params: Params, batch: Mapping[str, Any]) -> dict[str, Any]:
     return asdict(report)
 
 
-# --- remove_vanished ------------------------------------------------------------------
+# --- "sync" mode: documents gone from the source -------------------------------------
+
+NOTHING_REMOVED: dict[str, Any] = {"documents_deleted": 0, "chunks_deleted": 0, "deleted": []}
 
 
-async def _remove_vanished(params: IngestParams, present: set[str]) -> dict[str, Any]:
+async def _remove_vanished(
+    params: IngestParams, present: set[str], retrieval: RetrievalClient
+) -> dict[str, Any]:
+    """Delete the stored documents listed under one of this source's entries (their
+    `ingest_source`) that are not `present`: a file removed from a folder, one that no longer
+    matches a glob. Documents of an entry dropped from the source (or of a URL dropped from a
+    list), and of other sources writing to the same collection, are left alone. `present` is
+    never empty (an empty source is EmptySource), so this never deletes everything.
+    Returns ``{"documents_deleted", "chunks_deleted", "deleted": [{document_id, uri}]}``."""
     where = {"ingest_source": {"in": canonical_entries(params.sources)}}
-    async with RetrievalClient() as retrieval:
-        uris = {
-            s.document_id: str(json_format.MessageToDict(s.metadata).get("source_uri", ""))
-            async for s in _stored_documents(retrieval, params, where=where)
-        }
-        gone = vanished(uris, present)
-        chunks = 0
-        for start in range(0, len(gone), DELETE_BATCH):
-            reply = await _call(
-                retrieval,
-                f"deleting vanished documents from collection {params.collection!r}",
-                retrieval.stub.Delete(
-                    retrieval_pb2.DeleteRequest(
-                        collection=params.collection,
-                        tenant=params.tenant,
-                        document_ids=gone[start : start + DELETE_BATCH],
-                    )
-                ),
-            )
-            chunks += reply.deleted
+    uris = {
+        s.document_id: str(json_format.MessageToDict(s.metadata).get("source_uri", ""))
+        async for s in _stored_documents(retrieval, params, where=where)
+    }
+    gone = vanished(uris, present)
+    chunks = 0
+    for start in range(0, len(gone), DELETE_BATCH):
+        reply = await _call(
+            retrieval,
+            f"deleting vanished documents from collection {params.collection!r}",
+            retrieval.stub.Delete(
+                retrieval_pb2.DeleteRequest(
+                    collection=params.collection,
+                    tenant=params.tenant,
+                    document_ids=gone[start : start + DELETE_BATCH],
+                )
+            ),
+        )
+        chunks += reply.deleted
     for document_id in gone:
         log.info("%s: deleted (gone from the source)", uris[document_id] or document_id)
     return {
@@ -568,24 +583,6 @@ async def _remove_vanished(params: IngestParams, present: set[str]) -> dict[str,
         "chunks_deleted": chunks,
         "deleted": [{"document_id": d, "uri": uris[d]} for d in gone],
     }
-
-
-def remove_vanished(params: Params, present_document_ids: Sequence[str]) -> dict[str, Any]:
-    """In "sync" mode, delete the stored documents listed under one of this source's
-    entries (their `ingest_source`) that are not in `present_document_ids` (prepare()'s
-    "document_ids"): a file removed from a folder, one that no longer matches a glob.
-    Documents of an entry dropped from the source (or of a URL dropped from a list), and of
-    other sources writing to the same collection, are left alone. Other modes delete
-    nothing. Returns ``{"documents_deleted", "chunks_deleted", "deleted": [{document_id,
-    uri}]}``. An empty `present_document_ids` is refused: it would delete everything.
-    """
-    checked = parse_params(params)
-    if checked.mode != "sync":
-        log.info("mode %s: no documents are deleted", checked.mode)
-        return {"documents_deleted": 0, "chunks_deleted": 0, "deleted": []}
-    if not present_document_ids:
-        raise IngestError("remove_vanished got no present documents: refusing to delete all")
-    return asyncio.run(_remove_vanished(checked, set(present_document_ids)))
 
 
 # --- summarize ------------------------------------------------------------------------
@@ -600,7 +597,7 @@ def summarize(
     removal: Mapping[str, Any] | None,
     started_at: str | datetime,
 ) -> dict[str, Any]:
-    """The run summary from the batch reports, remove_vanished's result (None when it did
+    """The run summary from the batch reports, prepare()'s "removal" (None when it did
     not run) and prepare()'s "started_at": ``{"collection", "tenant", "seen", "new",
     "changed", "reindexed", "unchanged", "deleted", "failed", "skipped", "failures",
     "skips", "chunks_embedded", "chunks_written", "chunks_deleted", "seconds",
