@@ -3,7 +3,8 @@ an embedded PostgreSQL, LocalExecutor) and the real embedding and retrieval serv
 one run:
 
 1. Chunks/s end to end: the DAG `daert_ingest` triggered over the REST API v2 on a generated
-   corpus of Markdown and text files, timed from the trigger until the run succeeds.
+   corpus of Markdown and text files, timed from the trigger to its last upsert (the end of
+   the last ingest_batch task).
 2. Raw embedding chunks/s of the same chunks (read back from the retrieval service) through
    the embedding service (4 concurrent callers, calls of 32 texts), and the ratio of the two.
 3. An unchanged re-run on the same input, as a fraction of the first run's time.
@@ -104,6 +105,14 @@ def summary(api: httpx.Client, run: str) -> dict[str, Any]:
     return dict(api.get(path).json()["value"])
 
 
+def last_upsert_s(api: httpx.Client, run: str) -> float:
+    """Seconds from the trigger (the run's queueing) to the end of its last ingest_batch,
+    which made the run's last upsert."""
+    queued = datetime.fromisoformat(api.get(f"{DAG}/dagRuns/{run}").json()["queued_at"])
+    ends = [t["end_date"] for t in task_instances(api, run) if t["task_id"] == "ingest_batch"]
+    return max((datetime.fromisoformat(end) - queued).total_seconds() for end in ends)
+
+
 def breakdown(api: httpx.Client, run: str, title: str) -> None:
     """Each task instance's queued/start/end (s after the run was queued) and duration, then
     how much of the run no task was running (scheduling, queueing, task process start)."""
@@ -119,6 +128,9 @@ def breakdown(api: httpx.Client, run: str, title: str) -> None:
     spans, batches = [], []
     for t in task_instances(api, run):
         name = t["task_id"] + (f"[{t['map_index']}]" if t["map_index"] >= 0 else "")
+        if t["start_date"] is None:  # a mapped task over no batch: skipped, never ran
+            print(f"    {name:<22} {t['state']}")
+            continue
         start, end = at(t["start_date"]), at(t["end_date"])
         spans.append((start, end))
         if t["task_id"] == "ingest_batch":
@@ -257,13 +269,17 @@ def main(documents: int, run_timeout_s: float) -> None:
         log(f"  {again['summary']}")
 
         chunks = first["chunks_embedded"]
-        ingest_rate, raw_rate = chunks / first_s, len(texts) / raw_s
+        upserted_s = last_upsert_s(api, first_run)
+        ingest_rate, raw_rate = chunks / upserted_s, len(texts) / raw_s
         print(
             f"\ningestion DAG daert_ingest through Airflow {version('apache-airflow')} "
             f"(LocalExecutor, parallelism 4) and the embedding service ({os.cpu_count()} cores): "
             f"{first['seen']} documents, {chunks} chunks of <= 200 tokens"
         )
-        print(f"  first run, trigger -> success:   {first_s:7.1f} s  {ingest_rate:7.1f} chunks/s")
+        print(
+            f"  first run, trigger -> last upsert: {upserted_s:5.1f} s {ingest_rate:7.1f} chunks/s"
+            f" (-> run success {first_s:.1f} s)"
+        )
         print(
             f"  raw embedding of the same chunks: {raw_s:7.1f} s  {raw_rate:7.1f} chunks/s "
             f"({RAW_CALLERS} callers, {RAW_CALL} texts a call)"
