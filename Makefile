@@ -56,7 +56,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@echo "installing Python dependencies (torch is large the first time; pip caches it)"
-	$(PY) -m pip install --quiet --progress-bar off -e '.[models,local,llm,ingest,airflow,dev]'
+	$(PY) -m pip install --quiet --progress-bar off -e '.[models,local,llm,ingest,airflow,gateway,dev]'
 	@touch $@
 
 # go install <module>@<version> into a per-version cache folder, then link it here.
