@@ -65,6 +65,14 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostg
 
 
 @pytest.fixture(scope="session")
+def retrieval_server(postgres: EmbeddedPostgres) -> Iterator[ServerProcess]:
+    """The retrieval service on the session's PostgreSQL (pgvector)."""
+    with ServerProcess("retrieval", {"DAERT_RETRIEVAL_DSN": postgres.dsn}) as server:
+        server.wait_health("SERVING")
+        yield server
+
+
+@pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
     """A real redis-server (Debian's), shared by the session; tests that stop it restart it."""
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))

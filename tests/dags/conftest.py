@@ -6,7 +6,6 @@ Airflow inside tests and fixtures, never at module level."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,6 @@ def airflow_db(postgres: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFact
     airflow.migrate()
     os.environ.update({k: v for k, v in airflow.environment().items() if k.startswith("AIRFLOW")})
     return url
-
-
-@pytest.fixture(scope="session")
-def retrieval_server(postgres: EmbeddedPostgres) -> Iterator[ServerProcess]:
-    with ServerProcess("retrieval", {"DAERT_RETRIEVAL_DSN": postgres.dsn}) as server:
-        server.wait_health("SERVING")
-        yield server
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,6 @@ import pytest
 from daert.clients import RetrievalClient
 from daert.ingest.errors import ServiceUnavailable
 from daert.ingest.pipeline import ingest_batch, prepare, summarize
-from daert.local.postgres import EmbeddedPostgres
 from daert.testing import ServerProcess
 from daert.v1 import retrieval_pb2
 from google.protobuf import json_format
@@ -24,13 +22,6 @@ from tests.ingest_corpus import write_corpus
 
 DOCUMENTS = 8  # in the corpus
 READABLE = 6  # all but the malformed PDF (failed) and the binary file (skipped)
-
-
-@pytest.fixture(scope="module")
-def retrieval_server(postgres: EmbeddedPostgres) -> Iterator[ServerProcess]:
-    with ServerProcess("retrieval", {"DAERT_RETRIEVAL_DSN": postgres.dsn}) as server:
-        server.wait_health("SERVING")
-        yield server
 
 
 def _run(params: dict[str, Any]) -> dict[str, Any]:
