@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from daert.gateway import rag
 from daert.gateway.prompts import INSTRUCTIONS, NOTHING_FOUND, grounded_prompt, passage_block
 from daert.gateway.rag import (
     Citation,
     RagOptionError,
     RagOptions,
-    annotations,
     citations_payload,
     current_turn,
     estimate_tokens,
@@ -160,7 +160,7 @@ def test_the_estimate_over_counts_english() -> None:
 
 
 def spans(text: str) -> list[tuple[str, str]]:
-    found = annotations(text, CITATIONS)
+    found = rag.annotations(text, CITATIONS)
     for entry in found:
         assert entry["type"] == "url_citation"
         assert set(entry["url_citation"]) == {"start_index", "end_index", "url", "title"}
@@ -175,7 +175,7 @@ def spans(text: str) -> list[tuple[str, str]]:
 
 def test_a_marker_points_at_its_passage() -> None:
     text = "Pumps are inspected every 400 hours [1]."
-    [entry] = annotations(text, CITATIONS)
+    [entry] = rag.annotations(text, CITATIONS)
     assert entry == {
         "type": "url_citation",
         "url_citation": {
@@ -203,18 +203,18 @@ def test_markers_that_name_no_passage_are_ignored() -> None:
         ("[2, 7]", "https://example.com/faq"),
     ]
     assert spans("No markers: [a], [], [-1], (1), [ 1 ].") == []
-    assert annotations("An answer [1].", []) == []
+    assert rag.annotations("An answer [1].", []) == []
 
 
 def test_indexes_count_characters_not_bytes() -> None:
     text = "Größe: 400 Stunden ✓ [2]"
-    [entry] = annotations(text, CITATIONS)
+    [entry] = rag.annotations(text, CITATIONS)
     start, end = entry["url_citation"]["start_index"], entry["url_citation"]["end_index"]
     assert text[start:end] == "[2]"
 
 
 def test_the_title_falls_back_to_the_document_then_the_chunk() -> None:
-    titles = [e["url_citation"]["title"] for e in annotations("[1][2][3]", CITATIONS)]
+    titles = [e["url_citation"]["title"] for e in rag.annotations("[1][2][3]", CITATIONS)]
     assert titles == ["Manual", "faq", "notes-1"]
 
 
