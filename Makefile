@@ -33,7 +33,7 @@ export PATH := $(CURDIR)/$(TOOLS):$(PATH)
 export HF_HUB_OFFLINE := 1
 export DAERT_SANDBOX_PACKAGES_DIR ?= $(SANDBOX_PACKAGES)
 
-.PHONY: help setup system-packages up test fuzz lint proto bench clean
+.PHONY: help setup system-packages up test fuzz lint breaking proto bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -136,11 +136,18 @@ FUZZ_EXAMPLES ?= 500
 fuzz: setup ## the fuzz suite (tests/fuzz) with a large budget: FUZZ_EXAMPLES per RPC
 	DAERT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) DAERT_FUZZ_PROFILE=fuzz $(VENV)/bin/pytest tests/fuzz $(PYTEST_ARGS)
 
-lint: setup ## buf lint, ruff, mypy
+lint: setup breaking ## buf lint, buf breaking, ruff, mypy
 	cd proto && ../$(TOOLS)/buf lint
 	$(VENV)/bin/ruff check services proto tests bench dags
 	$(VENV)/bin/ruff format --check services proto tests bench dags
 	$(VENV)/bin/mypy
+
+# The contracts must stay wire- and source-compatible with the last released ones: the commit
+# before tool calling was added (there is no release tag yet; move this when one exists).
+BREAKING_BASE ?= 9c17abb9d99b0a3c6a27a79e244bd6db0d83a6cb
+GIT_COMMON_DIR = $(shell git rev-parse --path-format=absolute --git-common-dir)
+breaking: setup ## buf breaking: the contracts against BREAKING_BASE
+	cd proto && ../$(TOOLS)/buf breaking --against '$(GIT_COMMON_DIR)#ref=$(BREAKING_BASE),subdir=proto'
 
 proto: setup ## regenerate the Python stubs from proto/
 	rm -f services/daert/v1/*_pb2*.py services/daert/v1/*_pb2*.pyi

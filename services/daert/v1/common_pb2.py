@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x61\x65rt/v1/common.proto\x12\x08\x64\x61\x65rt.v1\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"J\n\x0b\x43hatMessage\x12\x1c\n\x04role\x18\x01 \x01(\x0e\x32\x0e.daert.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x64\x61\x65rt/v1/common.proto\x12\x08\x64\x61\x65rt.v1\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x88\x01\n\x0b\x43hatMessage\x12\x1c\n\x04role\x18\x01 \x01(\x0e\x32\x0e.daert.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12&\n\ntool_calls\x18\x04 \x03(\x0b\x32\x12.daert.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'daert.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=218
-  _globals['_ROLE']._serialized_end=313
+  _globals['_ROLE']._serialized_start=338
+  _globals['_ROLE']._serialized_end=433
   _globals['_USAGE']._serialized_start=35
   _globals['_USAGE']._serialized_end=114
   _globals['_VECTOR']._serialized_start=116
   _globals['_VECTOR']._serialized_end=140
-  _globals['_CHATMESSAGE']._serialized_start=142
-  _globals['_CHATMESSAGE']._serialized_end=216
+  _globals['_CHATMESSAGE']._serialized_start=143
+  _globals['_CHATMESSAGE']._serialized_end=279
+  _globals['_TOOLCALL']._serialized_start=281
+  _globals['_TOOLCALL']._serialized_end=336
 # @@protoc_insertion_point(module_scope)

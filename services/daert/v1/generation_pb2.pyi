@@ -110,6 +110,10 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     """
     FINISH_REASON_CONTENT_FILTER: _FinishReason.ValueType  # 6
     """The backend withheld or cut the output with a content filter."""
+    FINISH_REASON_TOOL_CALLS: _FinishReason.ValueType  # 7
+    """The model called one or more tools (GenerateResponse.tool_calls, or the
+    stream's tool_calls deltas) and waits for their results.
+    """
 
 class FinishReason(_FinishReason, metaclass=_FinishReasonEnumTypeWrapper):
     """Why generation stopped."""
@@ -133,7 +137,43 @@ Failures before any output are reported as gRPC status codes instead.
 """
 FINISH_REASON_CONTENT_FILTER: FinishReason.ValueType  # 6
 """The backend withheld or cut the output with a content filter."""
+FINISH_REASON_TOOL_CALLS: FinishReason.ValueType  # 7
+"""The model called one or more tools (GenerateResponse.tool_calls, or the
+stream's tool_calls deltas) and waits for their results.
+"""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
+
+class _ToolChoiceMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ToolChoiceModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ToolChoiceMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TOOL_CHOICE_MODE_UNSPECIFIED: _ToolChoiceMode.ValueType  # 0
+    """Treated as TOOL_CHOICE_MODE_AUTO."""
+    TOOL_CHOICE_MODE_AUTO: _ToolChoiceMode.ValueType  # 1
+    """The model chooses between answering and calling tools."""
+    TOOL_CHOICE_MODE_NONE: _ToolChoiceMode.ValueType  # 2
+    """The model answers with text and calls no tool."""
+    TOOL_CHOICE_MODE_REQUIRED: _ToolChoiceMode.ValueType  # 3
+    """The model must call at least one tool."""
+    TOOL_CHOICE_MODE_FUNCTION: _ToolChoiceMode.ValueType  # 4
+    """The model must call the tool named by ToolChoice.function_name."""
+
+class ToolChoiceMode(_ToolChoiceMode, metaclass=_ToolChoiceModeEnumTypeWrapper):
+    """Whether and which tool the model must call."""
+
+TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.ValueType  # 0
+"""Treated as TOOL_CHOICE_MODE_AUTO."""
+TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.ValueType  # 1
+"""The model chooses between answering and calling tools."""
+TOOL_CHOICE_MODE_NONE: ToolChoiceMode.ValueType  # 2
+"""The model answers with text and calls no tool."""
+TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.ValueType  # 3
+"""The model must call at least one tool."""
+TOOL_CHOICE_MODE_FUNCTION: ToolChoiceMode.ValueType  # 4
+"""The model must call the tool named by ToolChoice.function_name."""
+Global___ToolChoiceMode: _TypeAlias = ToolChoiceMode  # noqa: Y015
 
 class _ResponseFormatType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -166,6 +206,76 @@ RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.ValueType  # 3
 RESPONSE_FORMAT_TYPE_REGEX: ResponseFormatType.ValueType  # 4
 """Text matching ResponseFormat.regex in full."""
 Global___ResponseFormatType: _TypeAlias = ResponseFormatType  # noqa: Y015
+
+@_typing.final
+class Tool(_message.Message):
+    """A function the model may call (OpenAI's function tool)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The function's name: 1 to 64 letters, digits, underscores or dashes,
+    unique within a request.
+    """
+    description: _builtins.str
+    """What the function does, for the model to decide when to call it."""
+    strict: _builtins.bool
+    """Ask the backend to keep the arguments exactly to the schema (OpenAI's
+    strict mode); backends without it ignore the flag.
+    """
+    @_builtins.property
+    def parameters(self) -> _struct_pb2.Struct:
+        """The JSON schema of the arguments object; unset: no parameters."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        parameters: _struct_pb2.Struct | None = ...,
+        strict: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["parameters", b"parameters"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "parameters", b"parameters", "strict", b"strict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Tool: _TypeAlias = Tool  # noqa: Y015
+
+@_typing.final
+class ToolChoice(_message.Message):
+    """How the model uses GenerateRequest.tools."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    FUNCTION_NAME_FIELD_NUMBER: _builtins.int
+    mode: Global___ToolChoiceMode.ValueType
+    """Whether and which tool the model must call. REQUIRED and FUNCTION need
+    tools.
+    """
+    function_name: _builtins.str
+    """The tool to call for TOOL_CHOICE_MODE_FUNCTION (one of the request's
+    tools); empty for every other mode.
+    """
+    def __init__(
+        self,
+        *,
+        mode: Global___ToolChoiceMode.ValueType = ...,
+        function_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["function_name", b"function_name", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolChoice: _TypeAlias = ToolChoice  # noqa: Y015
 
 @_typing.final
 class SamplingParams(_message.Message):
@@ -304,6 +414,8 @@ class GenerateRequest(_message.Message):
     CACHE_POLICY_FIELD_NUMBER: _builtins.int
     ALLOW_CACHE_NONDETERMINISTIC_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name from ListModels; empty selects the server's default model."""
     prompt: _builtins.str
@@ -341,6 +453,16 @@ class GenerateRequest(_message.Message):
     def response_format(self) -> Global___ResponseFormat:
         """Structured-output constraint; unset means free text."""
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """Functions the model may call; needs messages (not prompt). Models whose
+        GenerationModel.supports_tools is false answer FAILED_PRECONDITION.
+        """
+
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """Whether and which tool the model must call; unset is AUTO."""
+
     def __init__(
         self,
         *,
@@ -353,10 +475,12 @@ class GenerateRequest(_message.Message):
         cache_policy: Global___CachePolicy.ValueType = ...,
         allow_cache_nondeterministic: _builtins.bool = ...,
         tenant: _builtins.str = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "response_format", b"response_format"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "response_format", b"response_format", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "allow_cache_nondeterministic", b"allow_cache_nondeterministic", "cache_policy", b"cache_policy", "messages", b"messages", "model", b"model", "params", b"params", "prompt", b"prompt", "response_format", b"response_format", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "allow_cache_nondeterministic", b"allow_cache_nondeterministic", "cache_policy", b"cache_policy", "messages", b"messages", "model", b"model", "params", b"params", "prompt", b"prompt", "response_format", b"response_format", "tenant", b"tenant", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -380,6 +504,8 @@ class GenerateStreamRequest(_message.Message):
     CACHE_POLICY_FIELD_NUMBER: _builtins.int
     ALLOW_CACHE_NONDETERMINISTIC_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    TOOL_CHOICE_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name from ListModels; empty selects the server's default model."""
     prompt: _builtins.str
@@ -417,6 +543,16 @@ class GenerateStreamRequest(_message.Message):
     def response_format(self) -> Global___ResponseFormat:
         """Structured-output constraint; unset means free text."""
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tool]:
+        """Functions the model may call; needs messages (not prompt). Models whose
+        GenerationModel.supports_tools is false answer FAILED_PRECONDITION.
+        """
+
+    @_builtins.property
+    def tool_choice(self) -> Global___ToolChoice:
+        """Whether and which tool the model must call; unset is AUTO."""
+
     def __init__(
         self,
         *,
@@ -429,10 +565,12 @@ class GenerateStreamRequest(_message.Message):
         cache_policy: Global___CachePolicy.ValueType = ...,
         allow_cache_nondeterministic: _builtins.bool = ...,
         tenant: _builtins.str = ...,
+        tools: _abc.Iterable[Global___Tool] | None = ...,
+        tool_choice: Global___ToolChoice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "response_format", b"response_format"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "response_format", b"response_format", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "allow_cache_nondeterministic", b"allow_cache_nondeterministic", "cache_policy", b"cache_policy", "messages", b"messages", "model", b"model", "params", b"params", "prompt", b"prompt", "response_format", b"response_format", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "allow_cache_nondeterministic", b"allow_cache_nondeterministic", "cache_policy", b"cache_policy", "messages", b"messages", "model", b"model", "params", b"params", "prompt", b"prompt", "response_format", b"response_format", "tenant", b"tenant", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -486,6 +624,7 @@ class GenerateResponse(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The generated text, without any stop sequence."""
     finish_reason: Global___FinishReason.ValueType
@@ -514,6 +653,12 @@ class GenerateResponse(_message.Message):
     def timings(self) -> Global___GenerationTimings:
         """Time to first token and total time."""
 
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ToolCall]:
+        """The tools the model called, in order; set when finish_reason is
+        FINISH_REASON_TOOL_CALLS. text may be empty then.
+        """
+
     def __init__(
         self,
         *,
@@ -526,10 +671,11 @@ class GenerateResponse(_message.Message):
         backend: Global___GenerationBackend.ValueType = ...,
         replica: _builtins.str = ...,
         timings: Global___GenerationTimings | None = ...,
+        tool_calls: _abc.Iterable[_common_pb2.ToolCall] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "backend", b"backend", "cached", b"cached", "finish_reason", b"finish_reason", "model", b"model", "replica", b"replica", "text", b"text", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "backend", b"backend", "cached", b"cached", "finish_reason", b"finish_reason", "model", b"model", "replica", b"replica", "text", b"text", "timings", b"timings", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -554,6 +700,7 @@ class GenerateStreamResponse(_message.Message):
     REPLICA_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
     delta: _builtins.str
     """Text produced since the previous message; may be empty on the last one."""
     finish_reason: Global___FinishReason.ValueType
@@ -592,6 +739,13 @@ class GenerateStreamResponse(_message.Message):
     def timings(self) -> Global___GenerationTimings:
         """Time to first token and total time; set on the last message only."""
 
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCallDelta]:
+        """Pieces of the tool calls produced since the previous message.
+        Concatenating, per index, every arguments_delta gives a call's
+        arguments; the last message is FINISH_REASON_TOOL_CALLS.
+        """
+
     def __init__(
         self,
         *,
@@ -605,14 +759,51 @@ class GenerateStreamResponse(_message.Message):
         replica: _builtins.str = ...,
         timings: Global___GenerationTimings | None = ...,
         error: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCallDelta] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "backend", b"backend", "cached", b"cached", "delta", b"delta", "error", b"error", "finish_reason", b"finish_reason", "model", b"model", "replica", b"replica", "timings", b"timings", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "backend", b"backend", "cached", b"cached", "delta", b"delta", "error", b"error", "finish_reason", b"finish_reason", "model", b"model", "replica", b"replica", "timings", b"timings", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateStreamResponse: _TypeAlias = GenerateStreamResponse  # noqa: Y015
+
+@_typing.final
+class ToolCallDelta(_message.Message):
+    """A piece of one tool call in a GenerateStream response (OpenAI's streamed
+    tool-call delta).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_DELTA_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Which call of the answer this piece belongs to, from 0."""
+    id: _builtins.str
+    """The call's id; set on the call's first delta only."""
+    name: _builtins.str
+    """The tool's name; set on the call's first delta only."""
+    arguments_delta: _builtins.str
+    """The next piece of the call's arguments (JSON text)."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments_delta: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_delta", b"arguments_delta", "id", b"id", "index", b"index", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallDelta: _TypeAlias = ToolCallDelta  # noqa: Y015
 
 @_typing.final
 class GenerationServiceListModelsRequest(_message.Message):
@@ -646,6 +837,7 @@ class GenerationModel(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _builtins.int
     SUPPORTS_ADAPTERS_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
+    SUPPORTS_TOOLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name clients pass as GenerateRequest.model."""
     backend: Global___GenerationBackend.ValueType
@@ -668,6 +860,8 @@ class GenerationModel(_message.Message):
     """Why the model cannot answer now (server unreachable, model not pulled,
     ...); empty when ready.
     """
+    supports_tools: _builtins.bool
+    """True when requests for this model may carry tools (function calling)."""
     def __init__(
         self,
         *,
@@ -680,10 +874,11 @@ class GenerationModel(_message.Message):
         context_length: _builtins.int = ...,
         supports_adapters: _builtins.bool = ...,
         unavailable_reason: _builtins.str = ...,
+        supports_tools: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "description", b"description", "is_default", b"is_default", "name", b"name", "ready", b"ready", "supports_adapters", b"supports_adapters", "supports_structured_output", b"supports_structured_output", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "description", b"description", "is_default", b"is_default", "name", b"name", "ready", b"ready", "supports_adapters", b"supports_adapters", "supports_structured_output", b"supports_structured_output", "supports_tools", b"supports_tools", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
