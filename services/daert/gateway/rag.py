@@ -149,6 +149,10 @@ def _system(content: str) -> common_pb2.ChatMessage:
     return common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=content)
 
 
+def _said(message: common_pb2.ChatMessage) -> tuple[int, str]:
+    return message.role, message.content
+
+
 def estimate_tokens(message: common_pb2.ChatMessage) -> int:
     return math.ceil(len(message.content) / CHARS_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS
 
@@ -239,10 +243,10 @@ class RagPipeline:
         hits = await self._search(tenant, options, query)
         passages = await self._reranked(query, hits, options.top_n)
 
-        blocks = [_system(p.block) for p in passages]
-        costs, overhead = await self._costs([_system(grounded_prompt([])), *blocks, *messages])
+        priced = [_system(grounded_prompt([])), *(_system(p.block) for p in passages), *messages]
+        costs, overhead = await self._costs(priced)
         head, turn_costs = costs[0], costs[-len(messages) :]
-        passage_costs = costs[1 : len(blocks) + 1]
+        passage_costs = costs[1 : len(passages) + 1]
         pinned = {
             i for i, m in enumerate(messages) if i >= current or m.role == common_pb2.ROLE_SYSTEM
         }
@@ -327,7 +331,9 @@ class RagPipeline:
         dropped), and how many passages it holds. The passages were counted one message
         each, which over-counts; if the exact fit still cut or condensed the current turn,
         the lowest passage gives way and it is fitted again."""
-        current_turns = messages[current:]
+        # Compared by what was said: fields the context service does not carry back must
+        # not read as a cut.
+        current_turns = [_said(m) for m in messages[current:]]
         while True:
             prompt = _system(grounded_prompt([p.block for p in passages[:kept]]))
             reply = await context.stub.Compress(
@@ -339,7 +345,7 @@ class RagPipeline:
                 )
             )
             fitted = list(reply.messages)
-            if kept == 0 or fitted[-len(current_turns) :] == current_turns:
+            if kept == 0 or [_said(m) for m in fitted[-len(current_turns) :]] == current_turns:
                 return fitted, kept
             kept -= 1
 
