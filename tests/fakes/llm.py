@@ -48,6 +48,18 @@ Each fake has ``generation(prompt, ...)`` (the :class:`Generation`, with that se
 stopping rules and defaults) and ``expected_text(prompt, ...)``, so tests can compute the
 exact output, token counts and finish reason of a request.
 
+Tool calls
+----------
+``tool_calls`` scripts them: a list of ``(name, arguments)`` pairs (arguments a dict) that
+the model "calls" instead of writing text, when the request offers tools and does not
+forbid calling them (``tool_choice`` "none"; a named function narrows the list to it). Each
+server sends them in its own format (see each fake); streamed, a call's arguments text
+arrives in ``tool_argument_pieces`` pieces (:func:`argument_pieces`). The calls count as
+one generated token per piece, plus EOS. The tools and messages a request carried are in
+its :class:`~.http_fake.RecordedRequest` (``requests_to(path)[-1].json["tools"]``). Fault
+injection (``error_after_tokens``, ``disconnect_after_tokens``) is not modelled for
+tool-call answers (Ollama's unary answer still applies it).
+
 A client that goes away mid-stream is counted in ``disconnects`` (and
 ``last_disconnect_at``) whether aiohttp cancelled the handler while it slept between tokens
 or a write failed.
@@ -58,7 +70,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -129,6 +141,14 @@ class Generation:
         return len(self.tokens)
 
 
+@dataclass(frozen=True)
+class ScriptedCall:
+    """One scripted tool call: the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
 class _Abort(Exception):
     """Stop the handler with a ready response."""
 
@@ -149,8 +169,24 @@ class FakeLLMServer(FakeHTTPServer):
         self.error_type: str = "generation"
         self.reply_tokens: Sequence[str] | None = None
         self.reply_fn: Callable[[str], Sequence[str]] | None = None
+        self.tool_calls: Sequence[tuple[str, Mapping[str, Any]]] | None = None
+        self.tool_argument_pieces = 3
 
     # ------------------------------------------------------------------ model
+    def calls_for(self, tools: Any, forced: str | None, allowed: bool) -> list[ScriptedCall]:
+        """The scripted calls this request gets: none unless it offers ``tools`` and
+        ``allowed`` calling them; ``forced`` (a function name) keeps only that tool's."""
+        if not self.tool_calls or not tools or not allowed:
+            return []
+        calls = [ScriptedCall(name, json.dumps(dict(args))) for name, args in self.tool_calls]
+        return [c for c in calls if forced is None or c.name == forced]
+
+    def argument_pieces(self, arguments: str) -> list[str]:
+        """``arguments`` cut into ``tool_argument_pieces`` pieces (some may be short)."""
+        n = max(1, self.tool_argument_pieces)
+        size = -(-len(arguments) // n) or 1
+        return [arguments[i : i + size] for i in range(0, len(arguments), size)] or [""]
+
     def reply_for(self, prompt: str, *, json_mode: bool = False) -> list[str]:
         """The reply tokens (before EOS, stop sequences and limits) for ``prompt``."""
         if self.reply_fn is not None:
@@ -216,6 +252,8 @@ class FakeLLMServer(FakeHTTPServer):
         self.error_type = "generation"
         self.reply_tokens = None
         self.reply_fn = None
+        self.tool_calls = None
+        self.tool_argument_pieces = 3
 
     # -------------------------------------------------------------- internals
     async def _pace(self, index: int) -> None:

@@ -68,10 +68,19 @@ Generation (``/api/chat``, ``/api/generate``; the model is :mod:`.llm`'s):
 Chat models are a separate list (``chat_models``, default ``llama3.2:latest``); ``/api/tags``
 lists the embedding models, then the chat models.
 
+Tool calls (``tool_calls`` scripted, see :mod:`.llm`; ``docs/api.md`` "Chat request (with
+tools)", ``api/types.go`` ``ToolCall``): ``/api/chat`` with ``tools`` answers with
+``message: {"role": "assistant", "content": "", "tool_calls": [{"function": {"name",
+"arguments": {...}}}]}`` (the arguments an *object*, no id), ``done_reason`` ``stop``;
+streamed, each call arrives whole in a chunk of its own (``done: false``) before the final
+``done`` chunk. Messages sent back must carry their ``tool_calls`` arguments as objects: a
+string is Go's 400 unmarshal error. A tool result is ``role: tool`` with ``tool_name``.
+
 Simplifications: a "token" is a whitespace-separated word; the embedding context length is
 ``min(num_ctx, options.num_ctx)`` (chat prompts are not truncated to it); no chat template
-is applied (the prompt is the message contents joined by a space); tools, thinking, images
-and logprobs are not modelled; Go's JSON decode error texts are approximated.
+is applied (the prompt is the message contents joined by a space); thinking, images and
+logprobs are not modelled, nor Ollama's refusal of tools for a model whose template has
+none; Go's JSON decode error texts are approximated.
 """
 
 from __future__ import annotations
@@ -86,7 +95,7 @@ import numpy as np
 from aiohttp import web
 
 from .http_fake import f32_wire, stable_seed
-from .llm import FakeLLMServer, Generation, _Abort, go_json, go_time, token_id
+from .llm import FakeLLMServer, Generation, ScriptedCall, _Abort, go_json, go_time, token_id
 
 INPUT_TOO_LONG = "the input length exceeds the context length"
 _MODIFIED_AT = "2025-01-15T10:20:30.123456789Z"  # time.Time, RFC 3339 with nanoseconds
@@ -398,6 +407,7 @@ class FakeOllama(FakeLLMServer):
                 raise _Abort(
                     _go_error(400, _unmarshal(messages, struct, "messages", "[]api.Message"))
                 )
+            _check_tool_calls(messages)
             prompt = " ".join(str(m.get("content") or "") for m in messages)
             idle = not messages
         else:
@@ -439,13 +449,23 @@ class FakeOllama(FakeLLMServer):
         )
         pieces = _pieces(gen, stops)
         raw_mode = bool(req.get("raw"))
+        calls = self.calls_for(req.get("tools"), None, allowed=True) if chat else []
+        # Calls replace the text: one token per piece of their arguments, plus EOS.
+        eval_count = (
+            sum(len(self.argument_pieces(c.arguments)) for c in calls) + 1
+            if calls
+            else gen.completion_tokens
+        )
 
         def response(content: str, done: bool) -> dict[str, Any]:
             body: dict[str, Any] = {"model": model, "created_at": go_time()}
             if chat:
                 body["message"] = {"role": "assistant", "content": content}
+                if calls and done and req.get("stream") is False:
+                    body["message"]["tool_calls"] = [_tool_call(c) for c in calls]
                 if done:
-                    body["done_reason"] = "length" if gen.finish == "length" else "stop"
+                    finish = "length" if gen.finish == "length" and not calls else "stop"
+                    body["done_reason"] = finish
                 body["done"] = done
             else:
                 body["response"] = content
@@ -460,7 +480,7 @@ class FakeOllama(FakeLLMServer):
                 body["load_duration"] = max(loaded - start, 1)
                 body["prompt_eval_count"] = gen.prompt_tokens
                 body["prompt_eval_duration"] = max((now - loaded) // 4, 1)
-                body["eval_count"] = gen.completion_tokens
+                body["eval_count"] = eval_count
                 body["eval_duration"] = max((now - loaded) // 2, 1)
             return body
 
@@ -474,10 +494,21 @@ class FakeOllama(FakeLLMServer):
                     raise _Abort(_go_error(500, self._error_message))
                 if i < len(gen.tokens):
                     await self._pace(i)
-            return _go_response(response(gen.text, True))
+            return _go_response(response("" if calls else gen.text, True))
 
         # gin sends the status and headers with the first chunk, not before.
         resp: web.StreamResponse | None = None
+        if calls:
+            resp = await self._open_stream(request, {"Content-Type": "application/x-ndjson"})
+            for i, call in enumerate(calls):
+                await self._pace(i)
+                chunk = response("", False)
+                chunk["message"]["tool_calls"] = [_tool_call(call)]
+                if not await self._write(request, resp, go_json(chunk) + b"\n"):
+                    return resp
+            if not await self._write(request, resp, go_json(response("", True)) + b"\n"):
+                return resp
+            return await self._finish(request, resp)
         for step in range(len(gen.tokens) + 1):
             fault = self._fault(step)
             if fault == "drop":
@@ -505,6 +536,29 @@ class FakeOllama(FakeLLMServer):
                 return resp
         assert resp is not None
         return await self._finish(request, resp)
+
+
+def _tool_call(call: ScriptedCall) -> dict[str, Any]:
+    return {"function": {"name": call.name, "arguments": json.loads(call.arguments)}}
+
+
+def _check_tool_calls(messages: list[dict[str, Any]]) -> None:
+    """api.ToolCallFunctionArguments is a map: arguments sent as JSON text fail to unmarshal."""
+    for message in messages:
+        for call in message.get("tool_calls") or ():
+            arguments = (call.get("function") or {}).get("arguments")
+            if arguments is not None and not isinstance(arguments, dict):
+                raise _Abort(
+                    _go_error(
+                        400,
+                        _unmarshal(
+                            arguments,
+                            "ChatRequest",
+                            "messages.tool_calls.function.arguments",
+                            "api.ToolCallFunctionArguments",
+                        ),
+                    )
+                )
 
 
 def _pieces(gen: Generation, stops: Sequence[str]) -> list[str | None]:

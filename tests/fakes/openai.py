@@ -159,13 +159,36 @@ real server by ``tests/integration/test_llama_cpp_fake_fidelity.py``; nothing of
   "type"}`` (``server_sent_event(sink, "error", error_data)``), which SSE client libraries
   drop, then ``data: [DONE]``; the chunks stay the current ones.
 
+Tool calls (``tool_calls`` scripted, see :mod:`.llm`; vLLM and TGI flavours only):
+
+* vLLM (``protocol.py`` ``check_tool_usage``, ``serving_chat.py`` with a tool parser):
+  ``tool_choice`` other than ``"none"`` without ``tools`` -> 400 "When using `tool_choice`,
+  `tools` must be set."; a named function not among the tools -> 400 "Tool '{name}' has not
+  been passed in `tools`."; an unknown ``tool_choice`` string -> 400. The answer's message
+  has ``content: null`` and ``tool_calls: [{"id": "chatcmpl-tool-{hex}", "type":
+  "function", "function": {"name", "arguments": "<JSON text>"}}]``, ``finish_reason``
+  ``tool_calls``. Streamed: the role chunk, then per call ``{"tool_calls": [{"id", "type":
+  "function", "index", "function": {"name"}}]}`` and its arguments in pieces ``{"tool_calls":
+  [{"index", "function": {"arguments": piece}}]}``, then ``finish_reason`` ``tool_calls``
+  with ``delta: {}``, the usage chunk and ``[DONE]``.
+* TGI (``router/src/lib.rs`` ``ToolCall``/``DeltaToolCall``, 3.x): the message is
+  ``{"role": "assistant", "tool_calls": [{"id": "0", "type": "function", "function":
+  {"description": null, "name", "arguments": "<JSON text>"}}]}`` and ``finish_reason``
+  ``stop`` (TGI reports EOS, not a tool reason); streamed, each chunk's delta is ``{"role":
+  "assistant", "tool_calls": [{"index", "id": "", "type": "function", "function": {"name",
+  "arguments"}}]}``, the name on a call's first chunk (arguments ``""``), then ``"name":
+  null`` and a piece of the arguments, ``finish_reason`` and usage on the last. A named
+  function not among the tools -> 422 ``{"error": "Tool error: Tool {name} not found",
+  "error_type": "tool_error"}`` (approximated).
+
 Simplifications: prompts are not chat-templated (prompt = message contents joined by a
-space, and no BOS token is counted); ``logprobs``, tools, ``echo``, beam search,
-token-id prompts and ``continuous_usage_stats`` are not modelled; vLLM's body/type errors are
-400 ``BadRequestError`` with a short message instead of pydantic's text; llama.cpp's prompt
-cache is not modelled (``cached_tokens`` 0), its ``timings`` are invented numbers, a JSON
-parse error's message is Python's, and grammars, ``n_probs``, SSE pings and the non-OpenAI
-routes (``/completion``, ``/tokenize``, ``/slots``, ...) are absent.
+space, and no BOS token is counted); ``logprobs``, tools in the llama.cpp flavour, ``echo``,
+beam search, token-id prompts and ``continuous_usage_stats`` are not modelled; vLLM's
+body/type errors are 400 ``BadRequestError`` with a short message instead of pydantic's
+text; llama.cpp's prompt cache is not modelled (``cached_tokens`` 0), its ``timings`` are
+invented numbers, a JSON parse error's message is Python's, and grammars, ``n_probs``, SSE
+pings and the non-OpenAI routes (``/completion``, ``/tokenize``, ``/slots``, ...) are
+absent.
 """
 
 from __future__ import annotations
@@ -182,7 +205,7 @@ from typing import Any, ClassVar, Literal, NoReturn, TypeGuard
 
 from aiohttp import web
 
-from .llm import FakeLLMServer, Generation, _Abort, compact_json
+from .llm import FakeLLMServer, Generation, ScriptedCall, _Abort, compact_json
 from .tgi import TGI_ERRORS, tgi_error_text
 
 _JSON = {"Content-Type": "application/json"}
@@ -534,14 +557,143 @@ class FakeOpenAI(FakeLLMServer):
                 prompt, max_tokens=requested, stop=stop_list, json_mode=json_mode, chat=chat
             )
             gens.extend([gen] * n)
+        calls = self._tool_calls_for(req) if chat else []
         await self._simulate_latency()
         base_id = request.headers.get("X-Request-Id") or req.get("request_id") or uuid.uuid4().hex
         rid = ("chatcmpl-" if chat else "cmpl-") + str(base_id)
+        if calls:
+            opts = req.get("stream_options")
+            include_usage = isinstance(opts, dict) and opts.get("include_usage", True) is not False
+            return await self._tool_answer(
+                request, rid, served, calls, prompt_tokens[0], stream, include_usage
+            )
         if stream:
             opts = req.get("stream_options")
             include_usage = isinstance(opts, dict) and opts.get("include_usage", True) is not False
             return await self._stream(request, rid, served, gens, stop_list, chat, include_usage)
         return await self._unary(request, rid, served, gens, chat)
+
+    def _tool_calls_for(self, req: dict[str, Any]) -> list[ScriptedCall]:
+        """vLLM's check_tool_usage (TGI's tool errors in that flavour), then the calls."""
+        tools, choice = req.get("tools"), req.get("tool_choice")
+        names = [(t.get("function") or {}).get("name") for t in tools or () if isinstance(t, dict)]
+        forced = None
+        if isinstance(choice, dict):
+            forced = str((choice.get("function") or {}).get("name"))
+            if forced not in names:
+                if self.flavour == "tgi":
+                    body = {
+                        "error": f"Tool error: Tool {forced} not found",
+                        "error_type": "tool_error",
+                    }
+                    raise _Abort(self._json(body, 422))
+                raise _Abort(self._error(f"Tool '{forced}' has not been passed in `tools`."))
+        elif choice not in (None, "none", "auto", "required"):
+            raise _Abort(self._error(f"Invalid value for `tool_choice`: {choice!r}."))
+        if choice not in (None, "none") and not tools and self.flavour != "tgi":
+            raise _Abort(self._error("When using `tool_choice`, `tools` must be set."))
+        return self.calls_for(tools, forced, allowed=choice != "none")
+
+    async def _tool_answer(
+        self,
+        request: web.Request,
+        rid: str,
+        model: str,
+        calls: list[ScriptedCall],
+        prompt_tokens: int,
+        stream: bool,
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        """The scripted calls as vLLM or TGI send them (see the module docstring)."""
+        tgi = self.flavour == "tgi"
+        pieces = [self.argument_pieces(c.arguments) for c in calls]
+        completion = sum(len(p) for p in pieces) + 1  # + EOS
+        usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion,
+                 "completion_tokens": completion}  # fmt: skip
+        if tgi:
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                     "total_tokens": prompt_tokens + completion}  # fmt: skip
+        created = int(time.time())
+        ids = ["0" if tgi else f"chatcmpl-tool-{uuid.uuid4().hex}" for _ in calls]
+        if not stream:
+            for i in range(completion):
+                await self._pace(i)
+            if tgi:
+                wire = [{"id": ids[i], "type": "function", "function": {"description": None,
+                         "name": c.name, "arguments": c.arguments}}
+                        for i, c in enumerate(calls)]  # fmt: skip
+                choice = {"index": 0, "message": {"role": "assistant", "tool_calls": wire},
+                          "logprobs": None, "finish_reason": "stop"}  # fmt: skip
+                return self._json({"object": "chat.completion", "id": "", "created": created,
+                                   "model": model, "system_fingerprint":
+                                   f"{self.version}-native", "choices": [choice],
+                                   "usage": usage})  # fmt: skip
+            wire = [{"id": ids[i], "type": "function",
+                     "function": {"name": c.name, "arguments": c.arguments}}
+                    for i, c in enumerate(calls)]  # fmt: skip
+            message = {"role": "assistant", "content": None, "refusal": None,
+                       "annotations": None, "audio": None, "function_call": None,
+                       "tool_calls": wire, "reasoning_content": None}  # fmt: skip
+            choice = {"index": 0, "message": message, "logprobs": None,
+                      "finish_reason": "tool_calls", "stop_reason": None}  # fmt: skip
+            return self._json({"id": rid, "object": "chat.completion", "created": created,
+                               "model": model, "choices": [choice], "service_tier": None,
+                               "system_fingerprint": None,
+                               "usage": {**usage, "prompt_tokens_details": None},
+                               "prompt_logprobs": None, "kv_transfer_params": None})  # fmt: skip
+        resp = await self._open_stream(request, dict(_SSE))
+        data = b"data:" if tgi else b"data: "
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+            if tgi:
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                body = {"object": "chat.completion.chunk", "id": "", "created": created,
+                        "model": model, "system_fingerprint": f"{self.version}-native",
+                        "choices": [choice], "usage": extra.get("usage")}  # fmt: skip
+            else:
+                choice = _stream_choice(0, delta, finish, None, True, final=finish is not None)
+                body = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                        "model": model, "choices": [choice], **extra}  # fmt: skip
+            return data + compact_json(body) + b"\n\n"
+
+        deltas: list[dict[str, Any]] = [] if tgi else [{"role": "assistant", "content": ""}]
+        for i, call in enumerate(calls):
+            if tgi:
+                first = {"index": i, "id": "", "type": "function",
+                         "function": {"name": call.name, "arguments": ""}}  # fmt: skip
+                later = [
+                    {
+                        "index": i,
+                        "id": "",
+                        "type": "function",
+                        "function": {"name": None, "arguments": p},
+                    }
+                    for p in pieces[i]
+                ]
+                deltas += [{"role": "assistant", "tool_calls": [d]} for d in [first, *later]]
+            else:
+                first = {"id": ids[i], "type": "function", "index": i,
+                         "function": {"name": call.name}}  # fmt: skip
+                later = [{"index": i, "function": {"arguments": p}} for p in pieces[i]]
+                deltas += [{"tool_calls": [d]} for d in [first, *later]]
+        for step, delta in enumerate(deltas):
+            await self._pace(step)
+            if tgi:  # TGI's last token chunk carries the finish reason and usage
+                last = step == len(deltas) - 1
+                end = usage if last and include_usage else None
+                out = chunk(delta, "stop" if last else None, usage=end)
+            else:
+                out = chunk(delta)
+            if not await self._write(request, resp, out):
+                return resp
+        tail = b"" if tgi else chunk({}, "tool_calls")
+        if include_usage and not tgi:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                    "model": model, "choices": [], "usage": usage}  # fmt: skip
+            tail += data + compact_json(body) + b"\n\n"
+        if not await self._write(request, resp, tail + data + b"[DONE]\n\n"):
+            return resp
+        return await self._finish(request, resp)
 
     def _prompts(self, req: dict[str, Any], chat: bool) -> list[str]:
         if chat:

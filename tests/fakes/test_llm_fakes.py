@@ -848,3 +848,78 @@ def test_ollama_client_disconnect_and_slow_first_token(ollama: FakeOllama) -> No
     assert ollama.wait_for_disconnects(1, timeout=30.0)
     seen_at = ollama.last_disconnect_at
     assert seen_at is not None and seen_at >= closed_at
+
+
+# ------------------------------------------------------------------------------ tool calls
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+WEATHER = {"city": "Paris", "unit": "celsius"}
+
+
+def test_vllm_tool_calls_unary_and_streamed(vllm: FakeOpenAI) -> None:
+    vllm.tool_calls = [("get_weather", WEATHER)]
+    answer = chat(vllm, tools=TOOLS).json()["choices"][0]
+    [call] = answer["message"]["tool_calls"]
+    assert answer["finish_reason"] == "tool_calls" and answer["message"]["content"] is None
+    assert call["id"].startswith("chatcmpl-tool-") and call["type"] == "function"
+    assert call["function"] == {"name": "get_weather", "arguments": json.dumps(WEATHER)}
+    body = {"model": "base-model", "messages": MESSAGES, "tools": TOOLS, "stream": True,
+            "stream_options": {}}  # fmt: skip
+    _, text = read_stream(f"{vllm.url}/v1/chat/completions", body)
+    chunks = [json.loads(d) for d in sse_data(text) if d != "[DONE]"]
+    pieces = [c["choices"][0]["delta"].get("tool_calls") for c in chunks if c["choices"]]
+    pieces = [p[0] for p in pieces if p]
+    assert pieces[0]["function"] == {"name": "get_weather"} and pieces[0]["id"]
+    assert len(pieces) == 1 + vllm.tool_argument_pieces
+    assert "".join(p["function"].get("arguments", "") for p in pieces) == json.dumps(WEATHER)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    assert chunks[-1]["usage"]["completion_tokens"] == vllm.tool_argument_pieces + 1
+    # tool_choice "none" answers with text; a named tool that is not offered is refused.
+    assert (
+        chat(vllm, tools=TOOLS, tool_choice="none").json()["choices"][0]["message"]["tool_calls"]
+        == []
+    )
+    refused = chat(vllm, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "x"}})
+    assert refused.status_code == 400 and "Tool 'x' has not been passed" in refused.text
+    assert chat(vllm, tool_choice="required").status_code == 400
+
+
+def test_tgi_flavour_tool_calls() -> None:
+    with FakeOpenAI(flavour="tgi", models=["base-model"]) as tgi:
+        tgi.tool_calls = [("get_weather", WEATHER)]
+        answer = chat(tgi, tools=TOOLS).json()["choices"][0]
+        assert answer["finish_reason"] == "stop"
+        [call] = answer["message"]["tool_calls"]
+        assert call["id"] == "0" and call["function"]["arguments"] == json.dumps(WEATHER)
+        body = {"model": "base-model", "messages": MESSAGES, "tools": TOOLS, "stream": True}
+        _, text = read_stream(f"{tgi.url}/v1/chat/completions", body)
+        assert text.startswith("data:{")
+        chunks = [json.loads(d) for d in sse_data(text) if d != "[DONE]"]
+        deltas = [c["choices"][0]["delta"]["tool_calls"][0] for c in chunks]
+        assert deltas[0]["function"] == {"name": "get_weather", "arguments": ""}
+        assert {d["id"] for d in deltas} == {""}
+        assert "".join(d["function"]["arguments"] for d in deltas) == json.dumps(WEATHER)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_ollama_tool_calls(ollama: FakeOllama) -> None:
+    ollama.tool_calls = [("get_weather", WEATHER), ("get_time", {})]
+    body = {"model": "llama3.2", "messages": MESSAGES, "tools": TOOLS, "stream": False}
+    answer = httpx.post(f"{ollama.url}/api/chat", json=body).json()
+    assert answer["message"]["tool_calls"] == [
+        {"function": {"name": "get_weather", "arguments": WEATHER}},
+        {"function": {"name": "get_time", "arguments": {}}},
+    ]
+    assert answer["done_reason"] == "stop" and answer["message"]["content"] == ""
+    _, text = read_stream(f"{ollama.url}/api/chat", body | {"stream": True})
+    lines = ollama_lines(text)
+    assert [line["message"].get("tool_calls") for line in lines[:2]] == [
+        [{"function": {"name": "get_weather", "arguments": WEATHER}}],
+        [{"function": {"name": "get_time", "arguments": {}}}],
+    ]
+    assert lines[-1]["done"] is True and "tool_calls" not in lines[-1]["message"]
+    # Arguments sent back as JSON text are Go's unmarshal error.
+    turn = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f",
+            "arguments": "{}"}}]}  # fmt: skip
+    refused = httpx.post(f"{ollama.url}/api/chat", json=body | {"messages": [turn]})
+    assert refused.status_code == 400 and "api.ToolCallFunctionArguments" in refused.text
