@@ -2,11 +2,12 @@
 
 An entry is keyed by a hash of everything that changes the answer: backend kind, model,
 requested adapter, tenant, the messages or prompt, every sampling parameter and the
-response format. It keeps the text (as the deltas it was generated in), finish reason, usage
-and where it ran; a streaming call gets it replayed as a stream with the same first and
-last messages, its text usually in one delta (deltas that are all ready at once go out
-merged, see `relay.merge_backlog`). Only finished answers (stop, length, stop sequence) are
-stored, never a cut-off or failed one.
+response format, and the tools and tool choice when there are any. It keeps the text (as
+the deltas it was generated in), the whole tool calls, finish reason, usage and where it
+ran; a streaming call gets it replayed as a stream with the same first and last messages,
+its text usually in one delta (deltas that are all ready at once go out merged, see
+`relay.merge_backlog`), each tool call in one delta. Only finished answers
+(stop, length, stop sequence, tool calls) are stored, never a cut-off or failed one.
 
 The semantic index answers a request whose last user message is close enough (embedding
 cosine) to one answered before, when everything else is identical: its scope hashes all
@@ -21,7 +22,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -50,6 +51,7 @@ STORED_REASONS = frozenset(
         generation_pb2.FINISH_REASON_STOP,
         generation_pb2.FINISH_REASON_LENGTH,
         generation_pb2.FINISH_REASON_STOP_SEQUENCE,
+        generation_pb2.FINISH_REASON_TOOL_CALLS,
     }
 )
 
@@ -64,6 +66,8 @@ class CachedAnswer:
     adapter_id: str
     backend: int
     replica: str
+    # [id, name, arguments] per call; entries stored before tool calling have none.
+    tool_calls: list[list[str]] = field(default_factory=list)
 
     def dumps(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

@@ -48,6 +48,13 @@ class ModelConfig(BaseModel):
         description="Whether the server can constrain output to a JSON schema or regex; "
         "false answers FAILED_PRECONDITION to such requests.",
     )
+    supports_tools: bool = Field(
+        True,
+        description="Whether the model can call tools (function calling): OpenAI-compatible "
+        "servers, Ollama's /api/chat and TGI's messages API all take them, but a model "
+        "whose chat template has no tools (or vLLM without --enable-auto-tool-choice) does "
+        "not; false answers FAILED_PRECONDITION to requests with tools.",
+    )
     adapters: AdapterMode = Field(
         "none",
         description="LoRA adapters: none (adapter_id rejected), direct (adapter_id sent as-is "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,6 +25,17 @@ MAX_STOP_SEQUENCES = 16
 MAX_SEED = 2**63 - 1
 
 OutputKind = Literal["text", "json_object", "json_schema", "regex"]
+ToolChoiceKind = Literal["auto", "none", "required", "function"]
+_TOOL_CHOICES: dict[int, ToolChoiceKind] = {
+    generation_pb2.TOOL_CHOICE_MODE_UNSPECIFIED: "auto",
+    generation_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+    generation_pb2.TOOL_CHOICE_MODE_NONE: "none",
+    generation_pb2.TOOL_CHOICE_MODE_REQUIRED: "required",
+    generation_pb2.TOOL_CHOICE_MODE_FUNCTION: "function",
+}
+# OpenAI's rule for function names; the other servers take what OpenAI takes.
+TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+MAX_TOOLS = 128
 _OUTPUT_KINDS: dict[int, OutputKind] = {
     generation_pb2.RESPONSE_FORMAT_TYPE_UNSPECIFIED: "text",
     generation_pb2.RESPONSE_FORMAT_TYPE_TEXT: "text",
@@ -36,10 +48,41 @@ Request = generation_pb2.GenerateRequest | generation_pb2.GenerateStreamRequest
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # the JSON text of an object
+
+
+@dataclass(frozen=True)
 class Message:
     role: str  # system, user, assistant, tool
     content: str
     name: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant messages only
+    tool_call_id: str = ""  # tool messages only: the call answered
+
+    def canonical(self) -> list[Any]:
+        # Tool fields only when set, so the cache keys of requests without tools stay as
+        # they were before tool calling existed.
+        fields: list[Any] = [self.role, self.content, self.name]
+        if self.tool_calls or self.tool_call_id:
+            fields += [[[c.id, c.name, c.arguments] for c in self.tool_calls], self.tool_call_id]
+        return fields
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None  # the arguments' JSON schema
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    kind: ToolChoiceKind = "auto"
+    function: str = ""  # kind "function" only
 
 
 @dataclass(frozen=True)
@@ -76,15 +119,28 @@ class GenerationInput:
     prompt: str | None
     sampling: Sampling = field(default_factory=Sampling)
     output: OutputFormat = field(default_factory=OutputFormat)
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+
+    @property
+    def uses_tools(self) -> bool:
+        """Tools offered, or a conversation that already holds tool calls or results."""
+        return bool(self.tools) or any(
+            m.tool_calls or m.role == "tool" for m in self.messages or ()
+        )
 
     def canonical(self) -> dict[str, Any]:
         """Every field that changes the answer, as JSON-ready values (the cache key)."""
-        return {
-            "messages": [[m.role, m.content, m.name] for m in self.messages or ()],
+        canonical: dict[str, Any] = {
+            "messages": [m.canonical() for m in self.messages or ()],
             "prompt": self.prompt,
             "sampling": self.sampling.__dict__ | {"stop": list(self.sampling.stop)},
             "output": self.output.__dict__,
         }
+        if self.tools:  # absent without tools: earlier cache keys stay valid
+            canonical["tools"] = [tool.__dict__ for tool in self.tools]
+            canonical["tool_choice"] = self.tool_choice.__dict__
+        return canonical
 
     def last_user_message(self) -> str:
         """The text a semantic cache compares: the last user turn (or the raw prompt)."""
@@ -103,11 +159,8 @@ def parse_input(request: Request, max_chars: int) -> GenerationInput:
     if has_messages:
         parsed = []
         for i, message in enumerate(request.messages):
-            role = ROLES.get(message.role)
-            require(role is not None, f"messages[{i}].role", "must be set to a known role")
-            assert role is not None
-            parsed.append(Message(role, message.content, message.name))
-            chars += len(message.content)
+            parsed.append(_parse_message(message, f"messages[{i}]"))
+            chars += len(message.content) + sum(len(c.arguments) for c in message.tool_calls)
         require(
             any(m.role != "system" for m in parsed),
             "messages",
@@ -121,12 +174,94 @@ def parse_input(request: Request, max_chars: int) -> GenerationInput:
         "messages" if has_messages else "prompt",
         f"{chars} characters; at most {max_chars} per request",
     )
+    require(
+        has_messages or not request.tools,
+        "tools",
+        "tools need messages: a raw prompt has no chat template to present them",
+    )
+    tools = _parse_tools(request.tools)
     return GenerationInput(
         messages=messages,
         prompt=request.prompt if has_prompt else None,
         sampling=_parse_sampling(request.params),
         output=_parse_output(request.response_format),
+        tools=tools,
+        tool_choice=_parse_tool_choice(request.tool_choice, tools),
     )
+
+
+def _parse_message(message: common_pb2.ChatMessage, where: str) -> Message:
+    role = ROLES.get(message.role)
+    require(role is not None, f"{where}.role", "must be set to a known role")
+    assert role is not None
+    if role == "tool":
+        require(
+            message.tool_call_id != "",
+            f"{where}.tool_call_id",
+            "a tool message must name the tool call it answers",
+        )
+    else:
+        require(message.tool_call_id == "", f"{where}.tool_call_id", "only for ROLE_TOOL messages")
+    if role != "assistant":
+        require(
+            len(message.tool_calls) == 0,
+            f"{where}.tool_calls",
+            "only assistant messages carry tool calls",
+        )
+    calls = []
+    for j, call in enumerate(message.tool_calls):
+        at = f"{where}.tool_calls[{j}]"
+        require(call.id != "", f"{at}.id", "must not be empty")
+        require(call.name != "", f"{at}.name", "must not be empty")
+        try:
+            arguments = json.loads(call.arguments)
+        except json.JSONDecodeError as exc:
+            require(False, f"{at}.arguments", f"not valid JSON: {exc}")
+        require(isinstance(arguments, dict), f"{at}.arguments", "must be a JSON object")
+        calls.append(ToolCall(call.id, call.name, call.arguments))
+    return Message(role, message.content, message.name, tuple(calls), message.tool_call_id)
+
+
+def _parse_tools(tools: Sequence[generation_pb2.Tool]) -> tuple[Tool, ...]:
+    require(len(tools) <= MAX_TOOLS, "tools", f"at most {MAX_TOOLS} tools")
+    parsed: list[Tool] = []
+    for i, tool in enumerate(tools):
+        require(
+            TOOL_NAME.fullmatch(tool.name) is not None,
+            f"tools[{i}].name",
+            "must be 1 to 64 letters, digits, underscores or dashes",
+        )
+        require(
+            all(t.name != tool.name for t in parsed),
+            f"tools[{i}].name",
+            f"{tool.name!r} is declared twice",
+        )
+        parameters = (
+            json_format.MessageToDict(tool.parameters) if tool.HasField("parameters") else None
+        )
+        parsed.append(Tool(tool.name, tool.description, parameters, tool.strict))
+    return tuple(parsed)
+
+
+def _parse_tool_choice(choice: generation_pb2.ToolChoice, tools: tuple[Tool, ...]) -> ToolChoice:
+    kind = _TOOL_CHOICES.get(choice.mode)
+    require(kind is not None, "tool_choice.mode", "unknown mode")
+    assert kind is not None
+    if kind in ("required", "function"):
+        require(bool(tools), "tool_choice.mode", f"{kind.upper()} needs tools")
+    if kind != "function":
+        require(
+            choice.function_name == "",
+            "tool_choice.function_name",
+            "only for TOOL_CHOICE_MODE_FUNCTION",
+        )
+        return ToolChoice(kind)
+    require(
+        any(t.name == choice.function_name for t in tools),
+        "tool_choice.function_name",
+        f"{choice.function_name!r} is not one of the request's tools",
+    )
+    return ToolChoice(kind, choice.function_name)
 
 
 def _parse_sampling(params: generation_pb2.SamplingParams) -> Sampling:
@@ -215,6 +350,16 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of tool call `index`: id and name on its first piece, then arguments."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class Finished:
     """The end of a generation; `error` says why when reason is FINISH_REASON_ERROR."""
 
@@ -224,4 +369,20 @@ class Finished:
     error: str = ""
 
 
-StreamEvent = Delta | Finished
+StreamEvent = Delta | ToolCallDelta | Finished
+
+
+def assemble_tool_calls(deltas: Sequence[ToolCallDelta]) -> tuple[ToolCall, ...]:
+    """The whole calls that `deltas` spell, in index order."""
+    calls: dict[int, list[str]] = {}
+    for delta in deltas:
+        call = calls.setdefault(delta.index, ["", "", ""])
+        call[0] = call[0] or delta.id
+        call[1] = call[1] or delta.name
+        call[2] += delta.arguments
+    return tuple(ToolCall(*calls[i]) for i in sorted(calls))
+
+
+def whole_calls(calls: Sequence[ToolCall]) -> list[ToolCallDelta]:
+    """Each whole call as its one delta (unary answers and cache replays)."""
+    return [ToolCallDelta(i, c.id, c.name, c.arguments) for i, c in enumerate(calls)]

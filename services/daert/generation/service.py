@@ -29,7 +29,11 @@ from daert.generation.request import (
     GenerationInput,
     Request,
     StreamEvent,
+    ToolCall,
+    ToolCallDelta,
+    assemble_tool_calls,
     parse_input,
+    whole_calls,
 )
 from daert.generation.routing import Target, Targets
 from daert.runtime.errors import FailedPrecondition, ServiceError
@@ -82,7 +86,7 @@ class Started:
     replica: str
 
 
-Event = Started | Delta | Finished
+Event = Started | Delta | ToolCallDelta | Finished
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         plan = self._plan(request)
         events, cached = await self._events(plan, streaming=False)
         text: list[str] = []
+        calls: list[ToolCallDelta] = []
         started: Started | None = None
         finished: Finished | None = None
         first_token: float | None = None
@@ -160,14 +165,18 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             async for event in events:
                 if isinstance(event, Started):
                     started = event
-                elif isinstance(event, Delta):
+                elif isinstance(event, Delta | ToolCallDelta):
                     first_token = first_token or time.perf_counter()
-                    text.append(event.text)
+                    if isinstance(event, Delta):
+                        text.append(event.text)
+                    else:
+                        calls.append(event)
                 else:
                     finished = event
         assert started is not None and finished is not None
         return generation_pb2.GenerateResponse(
             text="".join(text),
+            tool_calls=[_tool_call(c) for c in assemble_tool_calls(calls)],
             finish_reason=finished.reason,
             usage=_usage(finished),
             cached=cached,
@@ -194,8 +203,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     started = event
                     continue
                 assert started is not None
-                if isinstance(event, Delta):
-                    message = generation_pb2.GenerateStreamResponse(delta=event.text)
+                if isinstance(event, Delta | ToolCallDelta):
+                    message = (
+                        generation_pb2.GenerateStreamResponse(delta=event.text)
+                        if isinstance(event, Delta)
+                        else generation_pb2.GenerateStreamResponse(
+                            tool_calls=[_tool_call_delta(event)]
+                        )
+                    )
                     if first_token is None:  # the first and the last message say where
                         first_token = time.perf_counter()
                         _stamp(message, started)
@@ -227,6 +242,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 context_length=model.config.context_length,
                 supports_adapters=model.config.adapters != "none",
                 unavailable_reason=model.unavailable_reason,
+                supports_tools=model.config.supports_tools,
             )
             for name, model in self._models.items()
         ]
@@ -240,6 +256,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         if generation_input.output.kind != "text" and not model.config.supports_structured_output:
             raise FailedPrecondition(
                 f"model {model.config.name!r} does not support structured output"
+            )
+        if generation_input.uses_tools and not model.config.supports_tools:
+            raise FailedPrecondition(
+                f"model {model.config.name!r} does not support tools (function calling)"
             )
         reason = model.backend.unsupported(generation_input)
         if reason:
@@ -290,11 +310,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         try:
             yield Started(config.name, target.adapter_id, target.backend.kind, target.replica)
             deltas: list[str] = []
+            calls: list[ToolCallDelta] = []
             finished: Finished | None = None
             async with aclosing(self._upstream(target, streaming)) as events:
                 async for event in events:
                     if isinstance(event, Delta):
                         deltas.append(event.text)
+                    elif isinstance(event, ToolCallDelta):
+                        calls.append(event)
                     else:
                         finished = event
                     yield event
@@ -308,6 +331,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     adapter_id=target.adapter_id,
                     backend=target.backend.kind,
                     replica=target.replica,
+                    tool_calls=[[c.id, c.name, c.arguments] for c in assemble_tool_calls(calls)],
                 )
                 # Stored even if every caller left meanwhile: the work is done.
                 await asyncio.shield(self._cache.store(plan.key, answer))
@@ -331,6 +355,8 @@ async def _unary(
     )
     if completion.text:
         yield Delta(completion.text)
+    for call in whole_calls(completion.tool_calls):
+        yield call
     yield completion.finished
 
 
@@ -339,10 +365,22 @@ async def _replay(answer: CachedAnswer) -> AsyncGenerator[Event, None]:
     yield Started(answer.model, answer.adapter_id, backend, answer.replica)
     for delta in answer.deltas:
         yield Delta(delta)
+    for call in whole_calls([ToolCall(*fields) for fields in answer.tool_calls]):
+        yield call
     yield Finished(
         generation_pb2.FinishReason.ValueType(answer.finish_reason),
         prompt_tokens=answer.prompt_tokens,
         completion_tokens=answer.completion_tokens,
+    )
+
+
+def _tool_call(call: ToolCall) -> common_pb2.ToolCall:
+    return common_pb2.ToolCall(id=call.id, name=call.name, arguments=call.arguments)
+
+
+def _tool_call_delta(delta: ToolCallDelta) -> generation_pb2.ToolCallDelta:
+    return generation_pb2.ToolCallDelta(
+        index=delta.index, id=delta.id, name=delta.name, arguments_delta=delta.arguments
     )
 
 

@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
-from daert.generation.request import Finished, GenerationInput, StreamEvent
+from daert.generation.request import Finished, GenerationInput, StreamEvent, ToolCall
 from daert.v1 import generation_pb2
 
 
@@ -24,6 +24,7 @@ class UpstreamCall:
 class Completion:
     text: str
     finished: Finished
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class GenerationBackend(Protocol):
@@ -41,8 +42,8 @@ class GenerationBackend(Protocol):
         ...
 
     def stream(self, call: UpstreamCall) -> AsyncGenerator[StreamEvent, None]:
-        """Deltas, then exactly one Finished. An upstream failure raises ServiceError, also
-        mid-stream; closing the iterator closes the HTTP stream."""
+        """Deltas and tool-call deltas, then exactly one Finished. An upstream failure raises
+        ServiceError, also mid-stream; closing the iterator closes the HTTP stream."""
         ...
 
     async def probe(self) -> None:

@@ -8,17 +8,35 @@ stream is a line `{"error": "..."}`. Sampling goes in `options` (num_predict, te
 top_p, top_k, repeat_penalty, seed, stop); structured output in `format` ("json" or a JSON
 schema); Ollama has no regex constraint. Ollama reports the end of a stop sequence as
 "stop", like the end-of-sequence token, so FINISH_REASON_STOP_SEQUENCE is never reported.
+
+Tools go in `tools` (OpenAI's shape) on /api/chat. Ollama has no `tool_choice`: NONE sends
+no tools, REQUIRED and FUNCTION cannot be honoured (FAILED_PRECONDITION). A call comes back
+in `message.tool_calls` as `{"function": {"name", "arguments": {...}}}`, the arguments an
+object, not JSON text, and without an id (newer releases add one); streamed, each call
+arrives whole in one chunk. Ids missing are derived from the request, and an answer with
+calls that ended "stop" is FINISH_REASON_TOOL_CALLS. Assistant turns go back with their
+`tool_calls` (arguments as objects), tool results as `role: tool` with `tool_name`, the
+name of the call answered.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from daert.generation.backends.base import Completion, UpstreamCall
-from daert.generation.backends.wire import error_text, json_answer, json_object
+from daert.generation.backends.wire import (
+    ToolCallStream,
+    error_text,
+    json_answer,
+    json_object,
+    openai_tools,
+    tool_calls,
+    tool_finish,
+)
 from daert.generation.config import ModelConfig
-from daert.generation.request import Delta, Finished, GenerationInput, StreamEvent
+from daert.generation.request import Delta, Finished, GenerationInput, Message, StreamEvent
 from daert.runtime.errors import Unavailable
 from daert.runtime.upstream import http_client, open_stream, send
 from daert.v1 import generation_pb2
@@ -49,6 +67,11 @@ class OllamaBackend:
     def unsupported(self, request: GenerationInput) -> str | None:
         if request.output.kind == "regex":
             return "Ollama cannot constrain output to a regular expression"
+        if request.tools and request.tool_choice.kind in ("required", "function"):
+            return (
+                f"Ollama has no tool_choice: it cannot be made to call a tool "
+                f"(TOOL_CHOICE_MODE_{request.tool_choice.kind.upper()})"
+            )
         return None
 
     async def probe(self) -> None:
@@ -72,10 +95,12 @@ class OllamaBackend:
         answer = json_answer(response, LABEL)
         if "error" in answer:
             raise Unavailable(f"{LABEL} failed: {error_text(answer)}")
-        return Completion(_text(answer), _finished(answer))
+        calls = tool_calls((answer.get("message") or {}).get("tool_calls"), call.input)
+        return Completion(_text(answer), _finished(answer, called=bool(calls)), calls)
 
     async def stream(self, call: UpstreamCall) -> AsyncGenerator[StreamEvent, None]:
         path, body = self._request(call, stream=True)
+        calls = ToolCallStream(call.input)
         finished: Finished | None = None
         async with open_stream(
             self._http, path, backend=LABEL, url=self.url, invalid_field="params", json=body
@@ -89,8 +114,15 @@ class OllamaBackend:
                 text = _text(chunk)
                 if text:
                     yield Delta(text)
+                # Each chunk's calls are whole and numbered from 0 again: give them the
+                # indexes after the calls before.
+                raw = (chunk.get("message") or {}).get("tool_calls") or []
+                for piece in calls.feed(
+                    [{**entry, "index": calls.count + i} for i, entry in enumerate(raw)]
+                ):
+                    yield piece
                 if chunk.get("done"):
-                    finished = _finished(chunk)
+                    finished = _finished(chunk, called=calls.called)
         # Finished only once the body has ended: a connection left mid-body is closed
         # instead of going back to the pool.
         if finished is None:
@@ -105,9 +137,10 @@ class OllamaBackend:
             body |= {"prompt": request.prompt, "raw": True}
         else:
             path = "/api/chat"
-            body["messages"] = [
-                {"role": m.role, "content": m.content} for m in request.messages or ()
-            ]
+            messages = request.messages or ()
+            body["messages"] = [_message(m, messages) for m in messages]
+            if request.tools and request.tool_choice.kind != "none":
+                body["tools"] = openai_tools(request.tools)
         s = request.sampling
         options = {
             "num_predict": s.max_tokens,
@@ -137,9 +170,33 @@ def _text(chunk: dict[str, Any]) -> str:
     return str((chunk.get("message") or {}).get("content") or "")
 
 
-def _finished(chunk: dict[str, Any]) -> Finished:
+def _message(message: Message, conversation: tuple[Message, ...]) -> dict[str, Any]:
+    wire: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        wire["tool_calls"] = [
+            {"function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+            for c in message.tool_calls
+        ]
+    if message.role == "tool":
+        wire["tool_name"] = message.name or _called_name(message.tool_call_id, conversation)
+    return wire
+
+
+def _called_name(call_id: str, conversation: tuple[Message, ...]) -> str:
+    """The name of the tool whose call `call_id` is (Ollama names results by tool, not by
+    call); the latest call with that id, since ids are only sure to be unique within one
+    answer."""
+    for message in reversed(conversation):
+        for call in message.tool_calls:
+            if call.id == call_id:
+                return call.name
+    return ""
+
+
+def _finished(chunk: dict[str, Any], *, called: bool) -> Finished:
+    reason = _FINISH.get(chunk.get("done_reason") or "stop", generation_pb2.FINISH_REASON_STOP)
     return Finished(
-        _FINISH.get(chunk.get("done_reason") or "stop", generation_pb2.FINISH_REASON_STOP),
+        tool_finish(reason, called),
         prompt_tokens=int(chunk.get("prompt_eval_count") or 0),
         completion_tokens=int(chunk.get("eval_count") or 0),
     )

@@ -14,6 +14,14 @@ error is INVALID_ARGUMENT, an overload RESOURCE_EXHAUSTED and retried before the
 token); older llama.cpp servers send `error: {"code", "message", "type"}`, an SSE field SSE
 clients drop, mapped like the HTTP status in `code`.
 
+Tools go as OpenAI's `tools` and `tool_choice`; assistant turns carry `tool_calls` and
+tool results are `role: tool` messages with `tool_call_id`. Calls come back in
+`message.tool_calls`, streamed as `delta.tool_calls` pieces (id and name first, then the
+arguments' text in pieces), with finish_reason `tool_calls`. TGI's messages API differs:
+its ids are "" (replaced by ids derived from the request), older releases sent the
+arguments as an object and `tool_calls` as one object, and it ends a call with
+`eos_token`'s "stop"; calls that end normally are reported FINISH_REASON_TOOL_CALLS.
+
 Sampling fields beyond OpenAI's (top_k, repetition_penalty, also as llama.cpp's
 repeat_penalty) and vLLM's regex constraint (`structured_outputs.regex`) are sent only when
 the caller sets them: OpenAI answers 400 to them, which reaches the caller as
@@ -29,18 +37,24 @@ from typing import Any
 from daert.generation.backends.base import Completion, UpstreamCall
 from daert.generation.backends.wire import (
     StopSequences,
+    ToolCallStream,
     coded_error,
     error_text,
     json_answer,
     json_object,
+    openai_tool_choice,
+    openai_tools,
     sse_events,
     tgi_error,
+    tool_calls,
+    tool_finish,
 )
 from daert.generation.config import ModelConfig
 from daert.generation.request import (
     Delta,
     Finished,
     GenerationInput,
+    Message,
     OutputFormat,
     StreamEvent,
 )
@@ -57,14 +71,16 @@ _FINISH = {
     "length": generation_pb2.FINISH_REASON_LENGTH,
     "content_filter": generation_pb2.FINISH_REASON_CONTENT_FILTER,
     "abort": generation_pb2.FINISH_REASON_CANCELLED,
+    "tool_calls": generation_pb2.FINISH_REASON_TOOL_CALLS,
+    "function_call": generation_pb2.FINISH_REASON_TOOL_CALLS,  # OpenAI's deprecated name
 }
 
 
 class OpenAIBackend:
     kind = generation_pb2.GENERATION_BACKEND_OPENAI
-    label = LABEL
 
-    def __init__(self, config: ModelConfig, url: str | None = None) -> None:
+    def __init__(self, config: ModelConfig, url: str | None = None, label: str = LABEL) -> None:
+        self.label = label  # TGI's backend sends tool requests through this one
         self.url = (url or config.url).rstrip("/")
         key = os.environ.get(config.api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else None
@@ -75,60 +91,68 @@ class OpenAIBackend:
 
     async def probe(self) -> None:
         await send(
-            self._http, "GET", "/v1/models", backend=LABEL, url=self.url, invalid_field="model"
+            self._http, "GET", "/v1/models", backend=self.label, url=self.url, invalid_field="model"
         )
 
     async def complete(self, call: UpstreamCall) -> Completion:
         path, body = _request(call, stream=False)
         response = await send(
-            self._http, "POST", path, backend=LABEL, url=self.url, invalid_field="params",
+            self._http, "POST", path, backend=self.label, url=self.url, invalid_field="params",
             json=body,
         )  # fmt: skip
-        answer = json_answer(response, LABEL)
+        answer = json_answer(response, self.label)
         choice = (answer.get("choices") or [{}])[0]
+        message = choice.get("message") or {}
         text = choice.get("text") if call.input.prompt is not None else None
         if text is None:
-            text = (choice.get("message") or {}).get("content") or ""
-        finished = _finished(choice, answer.get("usage"), call.input)
+            text = message.get("content") or ""
+        calls = tool_calls(message.get("tool_calls"), call.input)
+        finished = _finished(choice, answer.get("usage"), call.input, called=bool(calls))
         return Completion(
-            StopSequences(call.input.sampling.stop).cut(text, finished.reason), finished
+            StopSequences(call.input.sampling.stop).cut(text, finished.reason), finished, calls
         )
 
     async def stream(self, call: UpstreamCall) -> AsyncGenerator[StreamEvent, None]:
         path, body = _request(call, stream=True)
         stop = StopSequences(call.input.sampling.stop)
+        calls = ToolCallStream(call.input)
         last_choice: dict[str, Any] = {}
         usage: dict[str, Any] | None = None
         async with open_stream(
-            self._http, path, backend=LABEL, url=self.url, invalid_field="params", json=body
+            self._http, path, backend=self.label, url=self.url, invalid_field="params", json=body
         ) as response:
             # Read to the end of the body, past [DONE]: a connection left mid-body is
             # closed instead of going back to the pool, and the next request would pay
             # for a new one.
-            async for event in sse_events(response, LABEL):
+            async for event in sse_events(response, self.label):
                 if event.error:
-                    raise coded_error(json_object(event.data, LABEL), LABEL)
+                    raise coded_error(json_object(event.data, self.label), self.label)
                 if event.data.strip() == "[DONE]":
                     continue
-                chunk = json_object(event.data, LABEL)
+                chunk = json_object(event.data, self.label)
                 if "error_type" in chunk:
-                    raise tgi_error(chunk, LABEL)
+                    raise tgi_error(chunk, self.label)
                 if "error" in chunk or chunk.get("object") == "error":
-                    raise Unavailable(f"{LABEL} failed mid-stream: {error_text(chunk)}")
+                    raise Unavailable(f"{self.label} failed mid-stream: {error_text(chunk)}")
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or ():
+                    delta = choice.get("delta") or {}
                     text = choice.get("text")
                     if text is None:
-                        text = (choice.get("delta") or {}).get("content")
+                        text = delta.get("content")
                     if text := stop.feed(text or ""):
                         yield Delta(text)
+                    for piece in calls.feed(delta.get("tool_calls")):
+                        yield piece
                     if choice.get("finish_reason"):
                         last_choice = choice
                         if rest := stop.finish(_reason(choice, call.input)):
                             yield Delta(rest)
         if not last_choice:
-            raise Unavailable(f"{LABEL} at {self.url} ended the stream without a finish reason")
-        yield _finished(last_choice, usage, call.input)
+            raise Unavailable(
+                f"{self.label} at {self.url} ended the stream without a finish reason"
+            )
+        yield _finished(last_choice, usage, call.input, called=calls.called)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -141,7 +165,10 @@ def _request(call: UpstreamCall, *, stream: bool) -> tuple[str, dict[str, Any]]:
         path, body["prompt"] = "/v1/completions", request.prompt
     else:
         path = "/v1/chat/completions"
-        body["messages"] = [_message(m.role, m.content, m.name) for m in request.messages or ()]
+        body["messages"] = [_message(m) for m in request.messages or ()]
+        if request.tools:
+            body["tools"] = openai_tools(request.tools)
+            body["tool_choice"] = openai_tool_choice(request.tool_choice)
     if stream:
         body["stream_options"] = {"include_usage": True}
     body.update(_sampling(request))
@@ -149,8 +176,20 @@ def _request(call: UpstreamCall, *, stream: bool) -> tuple[str, dict[str, Any]]:
     return path, body
 
 
-def _message(role: str, content: str, name: str) -> dict[str, str]:
-    return {"role": role, "content": content} | ({"name": name} if name else {})
+def _message(message: Message) -> dict[str, Any]:
+    wire: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.name:
+        wire["name"] = message.name
+    if message.tool_calls:
+        # OpenAI's own assistant turns that only call tools have content null.
+        wire["content"] = message.content or None
+        wire["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id:
+        wire["tool_call_id"] = message.tool_call_id
+    return wire
 
 
 def _sampling(request: GenerationInput) -> dict[str, Any]:
@@ -198,11 +237,15 @@ def _reason(
 
 
 def _finished(
-    choice: dict[str, Any], usage: dict[str, Any] | None, request: GenerationInput
+    choice: dict[str, Any],
+    usage: dict[str, Any] | None,
+    request: GenerationInput,
+    *,
+    called: bool,
 ) -> Finished:
     usage = usage or {}
     return Finished(
-        _reason(choice, request),
+        tool_finish(_reason(choice, request), called),
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
     )

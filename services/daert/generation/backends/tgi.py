@@ -14,16 +14,24 @@ TGI's native API takes text, not messages: chat messages are formatted with the 
 sequence that ended generation in its text; the contract does not, so it is cut off (and
 held back while streaming, until it is known whether it completes a stop sequence).
 Greedy decoding (temperature 0) is `do_sample: false`, since TGI wants temperature > 0.
+
+Tools exist only on TGI's messages API: a request with tools, or a conversation holding
+tool calls or results, goes to the same server's `/v1/chat/completions` instead (OpenAI's
+wire format, read by the OpenAI backend, with TGI's chat template; see that module for
+TGI's differences). TGI's own quirk: with `tool_choice` "auto" it may call a tool even when
+the answer needs none (its docs say "auto" always chooses one).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from daert.generation.backends.base import Completion, UpstreamCall
+from daert.generation.backends.openai import OpenAIBackend
 from daert.generation.backends.wire import (
     StopSequences,
     json_answer,
@@ -61,8 +69,11 @@ class TgiBackend:
             else None
         )
         self._http = http_client(self.url, config.timeout_s, config.connect_timeout_s)
+        self._messages_api = OpenAIBackend(config, self.url, label="TGI messages API")
 
     def unsupported(self, request: GenerationInput) -> str | None:
+        if request.uses_tools:
+            return None  # the messages API applies the server's own template
         if request.messages is not None and self._template is None:
             return (
                 f"model {self._name!r} (TGI native API) takes a raw prompt: set its "
@@ -74,6 +85,8 @@ class TgiBackend:
         await send(self._http, "GET", "/health", backend=LABEL, url=self.url, invalid_field="")
 
     async def complete(self, call: UpstreamCall) -> Completion:
+        if call.input.uses_tools:
+            return await self._messages_api.complete(_messages_call(call))
         response = await send(
             self._http, "POST", "/generate", backend=LABEL, url=self.url,
             invalid_field="params", json=self._body(call),
@@ -86,6 +99,11 @@ class TgiBackend:
         return Completion(text, finished)
 
     async def stream(self, call: UpstreamCall) -> AsyncGenerator[StreamEvent, None]:
+        if call.input.uses_tools:
+            async with aclosing(self._messages_api.stream(_messages_call(call))) as messages:
+                async for piece in messages:
+                    yield piece
+            return
         stop = StopSequences(call.input.sampling.stop)
         finished: Finished | None = None
         async with open_stream(
@@ -157,6 +175,13 @@ class TgiBackend:
 
     async def close(self) -> None:
         await self._http.aclose()
+        await self._messages_api.close()
+
+
+def _messages_call(call: UpstreamCall) -> UpstreamCall:
+    """The call as TGI's messages API takes it: the adapter (TGI's LORA_ADAPTERS name) is
+    the `model`; without one TGI serves its base model whatever `model` says."""
+    return UpstreamCall(call.input, call.adapter or call.model)
 
 
 def _finished(details: dict[str, Any], prompt_tokens_header: str | None) -> Finished:

@@ -1,8 +1,10 @@
 """Reading what inference servers send: answers and events that are JSON objects, SSE
-streams, and the error events servers send inside a stream that has already answered 200."""
+streams, and the error events servers send inside a stream that has already answered 200;
+and tool calls, which every server spells in OpenAI's words with its own liberties."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import AsyncGenerator
@@ -12,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from daert.generation.request import GenerationInput, Tool, ToolCall, ToolCallDelta, ToolChoice
 from daert.runtime.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from daert.runtime.upstream import error_for_code, json_body
 from daert.v1 import generation_pb2
@@ -165,3 +168,110 @@ def _overlap(text: str, stop: str) -> int:
         if stop.startswith(text[-size:]):
             return size
     return 0
+
+
+# --- tool calls ----------------------------------------------------------------------------
+
+
+def openai_tools(tools: tuple[Tool, ...]) -> list[dict[str, Any]]:
+    """OpenAI's `tools`, which Ollama and TGI's messages API also read."""
+    wire = []
+    for tool in tools:
+        function: dict[str, Any] = {"name": tool.name}
+        if tool.description:
+            function["description"] = tool.description
+        if tool.parameters is not None:
+            function["parameters"] = tool.parameters
+        if tool.strict:
+            function["strict"] = True
+        wire.append({"type": "function", "function": function})
+    return wire
+
+
+def openai_tool_choice(choice: ToolChoice) -> str | dict[str, Any]:
+    if choice.kind == "function":
+        return {"type": "function", "function": {"name": choice.function}}
+    return choice.kind
+
+
+def synthetic_call_id(request: GenerationInput, index: int) -> str:
+    """An id for a call whose server gave none (Ollama; TGI sends ""): derived from the
+    request, so a replay, a retry and the unary and streamed answers agree, and the calls of
+    different turns of a conversation differ."""
+    canonical = json.dumps(request.canonical(), sort_keys=True, ensure_ascii=False)
+    digest = hashlib.sha256(f"{canonical}\0{index}".encode()).hexdigest()
+    return f"call_{digest[:24]}"
+
+
+def arguments_text(arguments: Any) -> str:
+    """Arguments as JSON text: OpenAI and vLLM send text already; Ollama and older TGI send
+    the object itself."""
+    if isinstance(arguments, str):
+        return arguments
+    return json.dumps({} if arguments is None else arguments, ensure_ascii=False)
+
+
+def tool_calls(raw: Any, request: GenerationInput) -> tuple[ToolCall, ...]:
+    """The calls of an answer's `message.tool_calls` (TGI 2.x sent one object, not a list)."""
+    entries = [raw] if isinstance(raw, dict) else raw or []
+    calls = []
+    for i, entry in enumerate(entries):
+        function = entry.get("function") or {}
+        calls.append(
+            ToolCall(
+                id=str(entry.get("id") or "") or synthetic_call_id(request, i),
+                name=str(function.get("name") or ""),
+                arguments=arguments_text(function.get("arguments")),
+            )
+        )
+    return tuple(calls)
+
+
+class ToolCallStream:
+    """Reads streamed `delta.tool_calls` pieces: the first piece of each index gets the
+    call's id (synthetic when the server sent none) and name, the later ones only
+    arguments."""
+
+    def __init__(self, request: GenerationInput) -> None:
+        self._request = request
+        self._started: set[int] = set()
+
+    @property
+    def called(self) -> bool:
+        return bool(self._started)
+
+    @property
+    def count(self) -> int:
+        """How many calls have started."""
+        return len(self._started)
+
+    def feed(self, raw: Any) -> list[ToolCallDelta]:
+        entries = [raw] if isinstance(raw, dict) else raw or []
+        deltas = []
+        for position, entry in enumerate(entries):
+            index = entry.get("index")
+            index = index if isinstance(index, int) else position
+            function = entry.get("function") or {}
+            arguments = function.get("arguments")
+            piece = "" if arguments is None else arguments_text(arguments)
+            if index in self._started:
+                if piece:
+                    deltas.append(ToolCallDelta(index, arguments=piece))
+                continue
+            self._started.add(index)
+            call_id = str(entry.get("id") or "") or synthetic_call_id(self._request, index)
+            deltas.append(ToolCallDelta(index, call_id, str(function.get("name") or ""), piece))
+        return deltas
+
+
+_NORMAL_ENDS = (generation_pb2.FINISH_REASON_STOP, generation_pb2.FINISH_REASON_STOP_SEQUENCE)
+
+
+def tool_finish(
+    reason: generation_pb2.FinishReason.ValueType, called: bool
+) -> generation_pb2.FinishReason.ValueType:
+    """Ollama and TGI end a tool-calling answer as any other ("stop", "eos_token"): an answer
+    that called tools and was not cut short waits for their results."""
+    if called and reason in _NORMAL_ENDS:
+        return generation_pb2.FINISH_REASON_TOOL_CALLS
+    return reason
