@@ -44,6 +44,11 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def url(self) -> str:
+        """The base URL of an HTTP server (the gateway)."""
+        return f"http://{self.target}"
+
     def start(self, timeout_s: float = 120.0) -> Self:
         """Start and wait until the port is bound (not until it is SERVING)."""
         with self.log_path.open("wb") as log:
@@ -57,7 +62,8 @@ class ServerProcess:
         while time.monotonic() < deadline:
             for entry in self.logs():
                 if entry.get("msg") == "serving":
-                    self.grpc_port = int(entry["grpc_port"])
+                    # The gateway serves HTTP; every other service gRPC.
+                    self.grpc_port = int(entry.get("grpc_port") or entry["http_port"])
                     self.metrics_port = int(entry["metrics_port"])
                     return self
             if self.process.poll() is not None:
