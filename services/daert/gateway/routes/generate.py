@@ -10,10 +10,9 @@ import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from daert.gateway import translate
+from daert.gateway import rag, translate
 from daert.gateway.catalog import CatalogModel
 from daert.gateway.errors import bad_request, from_grpc, not_found
-from daert.gateway import rag
 from daert.gateway.rag import Citation, RagOptionError, RagOptions
 from daert.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from daert.gateway.state import Authenticated, Caller, Gateway, gateway
