@@ -147,7 +147,7 @@ class KeyStore:
             try:
                 await self._db.ensure_schema()
             except Unavailable as exc:
-                raise KeyStoreUnavailable(str(exc)) from None
+                raise KeyStoreUnavailable(f"the API key store is unavailable: {exc}") from None
         await self._db.start()
 
     async def close(self) -> None:
