@@ -19,6 +19,8 @@ from daert.testing import ServerProcess
 from tests.fakes.openai import FakeOpenAI
 
 CHAT_MODEL = "chat-model"
+# The same server, configured as a model whose chat template has no tools.
+NO_TOOLS_MODEL = "no-tools-model"
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 # A port nothing listens on: the LoRA router is not part of these tests.
 NO_SERVICE = "127.0.0.1:9"
@@ -45,7 +47,14 @@ def generation_server(fake_vllm: FakeOpenAI) -> Iterator[ServerProcess]:
             "upstream_model": "fake/vllm-model",
             "context_length": 4096,
             "supports_structured_output": True,
-        }
+        },
+        {
+            "name": NO_TOOLS_MODEL,
+            "backend": "openai",
+            "url": fake_vllm.url,
+            "upstream_model": "fake/vllm-model",
+            "supports_tools": False,
+        },
     ]
     env = {"DAERT_GENERATION_MODELS": json.dumps(models), "DAERT_GENERATION_RETRY_ATTEMPTS": "1"}
     with ServerProcess("generation", env) as server:
