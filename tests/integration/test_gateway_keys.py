@@ -155,7 +155,7 @@ def test_cli_create_list_revoke(
 ) -> None:
     monkeypatch.setenv("DAERT_GATEWAY_DSN", postgres.dsn)
     args = ["--tenant", "cli-tenant", "--name", "ci", "--model", "m1", "--model", "m2"]
-    assert _cli("keys", "create", *args, "--collection", "docs", "--rpm", "30") == 0
+    assert _cli("keys", "create", *args, "--collection", "docs", "wiki", "--rpm", "30") == 0
     created = capsys.readouterr().out
     tokens = [line for line in created.splitlines() if line.startswith("dk-")]
     assert len(tokens) == 1 and TOKEN.match(tokens[0])
@@ -170,7 +170,7 @@ def test_cli_create_list_revoke(
         "ID", "NAME", "TENANT", "MODELS", "COLLECTIONS", "RPM", "TPM", "CREATED", "REVOKED",
     ]  # fmt: skip
     row = next(line for line in rows if line.startswith(key_id))
-    assert row.split()[:7] == [key_id, "ci", "cli-tenant", "m1,m2", "docs", "30", "-"]
+    assert row.split()[:7] == [key_id, "ci", "cli-tenant", "m1,m2", "docs,wiki", "30", "-"]
     assert row.split()[-1] == "-"
     assert token.split("-", 2)[2] not in listing
 

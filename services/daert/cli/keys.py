@@ -40,16 +40,20 @@ def add_parsers(commands: Any) -> None:
     create = actions.add_parser("create", help="create a key and print it (once)")
     create.add_argument("--tenant", required=True, help="the tenant the key acts for")
     create.add_argument("--name", default="", help="what the key is for")
+    for flag, dest, what in (
+        ("--model", "models", "model"),
+        ("--collection", "collections", "RAG collection"),
+    ):
+        create.add_argument(
+            flag, dest=dest, metavar=what.split()[-1].upper(), nargs="+", action="extend",
+            default=[], help=f"allowed {what}s (repeatable); default: every {what}",
+        )  # fmt: skip
     create.add_argument(
-        "--model", dest="models", action="append", default=[], help="allowed model (repeat); "
-        "default: every model",
-    )  # fmt: skip
+        "--rpm", type=_positive, metavar="N", help="requests per minute (default: no limit)"
+    )
     create.add_argument(
-        "--collection", dest="collections", action="append", default=[],
-        help="allowed RAG collection (repeat); default: every collection",
-    )  # fmt: skip
-    create.add_argument("--rpm", type=_positive, help="requests per minute (default: no limit)")
-    create.add_argument("--tpm", type=_positive, help="tokens per minute (default: no limit)")
+        "--tpm", type=_positive, metavar="N", help="tokens per minute (default: no limit)"
+    )
 
     listing = actions.add_parser("list", help="list the keys (never their secrets)")
     listing.add_argument("--all", action="store_true", help="include revoked keys")
