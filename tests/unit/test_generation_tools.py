@@ -11,6 +11,7 @@ from daert.generation.backends.base import UpstreamCall
 from daert.generation.backends.ollama import OllamaBackend
 from daert.generation.backends.openai import _request as openai_request
 from daert.generation.backends.wire import ToolCallStream, synthetic_call_id, tool_calls
+from daert.generation.cache import cache_key
 from daert.generation.config import ModelConfig
 from daert.generation.request import (
     ToolCall,
@@ -208,3 +209,15 @@ def test_streamed_pieces_assemble() -> None:
     assert assemble_tool_calls(deltas) == (
         ToolCall(synthetic_call_id(request, 0), "f", '{"a": 1}'),
     )
+
+
+def test_a_tool_result_is_never_a_semantic_hit_for_the_call_before() -> None:
+    question = parse_input(
+        generation_pb2.GenerateRequest(messages=conversation()[:1], tools=[weather_tool()]),
+        100_000,
+    )
+    answered = parsed(tools=[weather_tool()])
+    first = cache_key("openai", "m", "", "", question)
+    then = cache_key("openai", "m", "", "", answered)
+    assert first.text == then.text  # the same last user message...
+    assert first.scope != then.scope  # ...but the call and its result are in the scope

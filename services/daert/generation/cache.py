@@ -106,7 +106,12 @@ def cache_key(
         users = [i for i, m in enumerate(canonical["messages"]) if m[0] == "user"]
         if not users:  # e.g. system and assistant turns only: exact matches only
             return CacheKey(exact=f"{_PREFIX}:answer:{exact}", scope=None, text="")
-        canonical["messages"] = canonical["messages"][: users[-1]]
+        messages = canonical["messages"]
+        canonical["messages"] = messages[: users[-1]]
+        # Turns after the last user message (a tool call and its result) stay in the scope:
+        # without them a tool result would be answered with the earlier call again.
+        if after := messages[users[-1] + 1 :]:
+            canonical["after_last_user"] = after
     return CacheKey(
         exact=f"{_PREFIX}:answer:{exact}",
         scope=f"{_PREFIX}:semantic:{_digest(fields | canonical)}",
