@@ -19,6 +19,7 @@ from daert.local.llm import MODEL_NAME, EmbeddedLlm, context_tokenizers, generat
 from daert.runtime.polling import poll_while
 from daert.testing import ServerProcess
 from daert.v1 import common_pb2, context_pb2, generation_pb2
+from google.protobuf import struct_pb2
 
 from tests.integration.context_support import compress, conversation, msg
 from tests.integration.generation_support import request
@@ -91,6 +92,35 @@ async def test_generate_stream_delivers_the_answer_in_pieces(client: GenerationC
     assert last.finish_reason == generation_pb2.FINISH_REASON_LENGTH
     assert last.usage.completion_tokens == 12
     assert last.timings.time_to_first_token.ToTimedelta().total_seconds() > 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+async def test_llama_server_takes_tools(client: GenerationClient, stream: bool) -> None:
+    # Whether a 270M base model calls the tool is beside the point: the request with tools
+    # and the conversation with a tool call and its result go through (--jinja).
+    parameters = struct_pb2.Struct()
+    parameters.update({"type": "object", "properties": {"city": {"type": "string"}}})
+    tool = generation_pb2.Tool(name="get_weather", description="The weather", parameters=parameters)
+    call = common_pb2.ToolCall(id="call_1", name="get_weather", arguments='{"city": "Paris"}')
+    messages = [
+        common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="Weather in Paris?"),
+        common_pb2.ChatMessage(role=common_pb2.ROLE_ASSISTANT, tool_calls=[call]),
+        common_pb2.ChatMessage(role=common_pb2.ROLE_TOOL, content="18C", tool_call_id="call_1"),
+    ]
+    params = generation_pb2.SamplingParams(temperature=0, max_tokens=8)
+    cls = generation_pb2.GenerateStreamRequest if stream else generation_pb2.GenerateRequest
+    for turns in (messages[:1], messages):
+        req = cls(model=MODEL_NAME, messages=turns, tools=[tool], params=params)
+        if stream:
+            replies = [m async for m in client.stub.GenerateStream(req)]
+            reason = replies[-1].finish_reason
+        else:
+            reason = (await client.stub.Generate(req)).finish_reason
+        assert reason in (
+            generation_pb2.FINISH_REASON_STOP,
+            generation_pb2.FINISH_REASON_LENGTH,
+            generation_pb2.FINISH_REASON_TOOL_CALLS,
+        )
 
 
 @pytest.mark.parametrize("raw_prompt", [False, True], ids=["messages", "prompt"])

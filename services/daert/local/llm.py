@@ -129,7 +129,8 @@ class EmbeddedLlm:
             "--ctx-size", str(settings.context_size),
             "--parallel", str(settings.parallel),
             "--threads", str(settings.threads or max(1, os.cpu_count() or 1)),
-            # The model's own chat template (from the GGUF), and its json_schema support.
+            # The model's own chat template (from the GGUF), its json_schema support, and
+            # tools: without --jinja llama-server refuses requests that carry them.
             "--jinja",
             "--metrics",
             "--no-webui",
