@@ -239,8 +239,10 @@ class KeyStore:
         digest = _digest(token)
         now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        if cached is not None:
+            if cached[0] > now:
+                return cached[1]
+            del self._cache[digest]  # re-added below at the end: the dict stays oldest first
         row = await self._one(
             f"""SELECT {_COLUMNS} FROM daert_gateway_api_keys
             WHERE token_sha256 = %s AND revoked_at IS NULL""",
@@ -248,7 +250,6 @@ class KeyStore:
         )
         if row is None:
             # Unknown tokens are not cached: a key created a moment ago must work at once.
-            self._cache.pop(digest, None)
             return None
         key = _key(row)
         if self._cache_ttl_s > 0:
