@@ -13,6 +13,7 @@ from daert.local.redis import EmbeddedRedis
 from daert.testing import ServerProcess
 
 from tests.helpers import TOOLS, free_port, models_env
+from tests.integration.context_support import make_tokenizer, tokenizers_env
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -93,3 +94,30 @@ def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedLlm
     llm.start()
     yield llm
     llm.stop()
+
+
+@pytest.fixture(scope="session")
+def rerank_server() -> Iterator[ServerProcess]:
+    """The rerank service with its embedded default model."""
+    with ServerProcess("rerank") as server:
+        server.wait_health("SERVING")
+        yield server
+
+
+@pytest.fixture(scope="session")
+def rag_context_server(
+    tmp_path_factory: pytest.TempPathFactory, embedding_server: ServerProcess
+) -> Iterator[ServerProcess]:
+    """A context service counting with a tokenizer made here (named "tiny"), with no
+    generation service behind it: AUTO condenses extractively."""
+    tokenizer = make_tokenizer(tmp_path_factory.mktemp("rag-tokenizer"))
+    env = {
+        "DAERT_CONTEXT_TOKENIZERS": tokenizers_env(
+            tiny={"kind": "huggingface", "path": str(Path(tokenizer))}
+        ),
+        "DAERT_GENERATION_TARGET": f"127.0.0.1:{free_port()}",
+        "DAERT_EMBEDDING_TARGET": embedding_server.target,
+    }
+    with ServerProcess("context", env) as server:
+        server.wait_health("SERVING")
+        yield server

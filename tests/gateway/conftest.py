@@ -62,13 +62,6 @@ def generation_server(fake_vllm: FakeOpenAI) -> Iterator[ServerProcess]:
         yield server
 
 
-@pytest.fixture(scope="session")
-def rerank_server() -> Iterator[ServerProcess]:
-    with ServerProcess("rerank") as server:
-        server.wait_health("SERVING")
-        yield server
-
-
 def gateway_env(
     postgres: EmbeddedPostgres, redis: EmbeddedRedis | None, **targets: str
 ) -> dict[str, str]:

@@ -7,8 +7,7 @@ embedding service's vectors and the metadata keys the ingestion pipeline writes.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -23,71 +22,22 @@ from daert.clients import (
 from daert.gateway.prompts import NOTHING_FOUND, grounded_prompt, passage_block
 from daert.gateway.rag import Grounded, RagOptions, RagPipeline, estimate_tokens
 from daert.testing import ServerProcess
-from daert.v1 import common_pb2, context_pb2, retrieval_pb2
-from google.protobuf import struct_pb2
+from daert.v1 import common_pb2, context_pb2
 
-from tests.helpers import free_port
-from tests.integration.context_support import make_tokenizer, tokenizers_env
+from tests.rag_corpus import (
+    ACME,
+    ACME_CHUNKS,
+    ACME_ONLY,
+    COLLECTION,
+    CORPUS,
+    GLOBEX,
+    GLOBEX_CHUNKS,
+    NIGHTJAR,
+    load_corpus,
+    source_uri,
+)
 
-COLLECTION = "rag_handbook"
-ACME_ONLY = "rag_acme_only"  # exists for acme only, and is empty
-ACME, GLOBEX = "acme", "globex"
-NIGHTJAR = "Globex's launch code for project Nightjar is amber-42, kept in the blue safe."
-
-# tenant -> [(document id, title, region, [chunk texts])]
-CORPUS: dict[str, list[tuple[str, str, str, list[str]]]] = {
-    ACME: [
-        (
-            "manual",
-            "Helix-9 maintenance manual",
-            "us",
-            [
-                "The Helix-9 coolant pump must be inspected every 400 operating hours, "
-                "and after any pressure alarm.",
-                "Worn Helix-9 pump seals are replaced with the HX-77 seal kit; never reuse "
-                "an old seal.",
-                "The Helix-9 turbine is balanced once a year, when vibration exceeds 7 mm/s.",
-            ],
-        ),
-        (
-            "lisbon",
-            "Lisbon office",
-            "eu",
-            ["The Lisbon office opens at 8:30 and closes at 17:00 on weekdays."],
-        ),
-        (
-            "denver",
-            "Denver office",
-            "us",
-            ["The Denver office opens at 9:00 and closes at 18:00 on weekdays."],
-        ),
-        (
-            "cafeteria",
-            "Cafeteria",
-            "eu",
-            ["The cafeteria serves vegetarian lasagna every Thursday at lunch."],
-        ),
-    ],
-    GLOBEX: [
-        ("nightjar", "Project Nightjar", "us", [NIGHTJAR]),
-        (
-            "globex-office",
-            "Globex office",
-            "us",
-            ["The Globex office in Springfield opens at 7:00 on weekdays."],
-        ),
-    ],
-}
-GLOBEX_CHUNKS = {f"{d}-{i}" for d, _, _, texts in CORPUS[GLOBEX] for i in range(len(texts))}
-# acme's chunk id -> (title, text)
-ACME_CHUNKS = {
-    f"{d}-{i}": (title, text) for d, title, _, texts in CORPUS[ACME] for i, text in enumerate(texts)
-}
 MODES = ["hybrid", "vector", "keyword"]
-
-
-def source_uri(tenant: str, document: str) -> str:
-    return f"file:///{tenant}/{document}.md"
 
 
 def user(content: str) -> common_pb2.ChatMessage:
@@ -103,75 +53,8 @@ def system(content: str) -> common_pb2.ChatMessage:
 
 
 @pytest.fixture(scope="module")
-def rerank_server() -> Iterator[ServerProcess]:
-    with ServerProcess("rerank") as server:
-        server.wait_health("SERVING")
-        yield server
-
-
-@pytest.fixture(scope="module")
-def context_server(
-    tmp_path_factory: pytest.TempPathFactory, embedding_server: ServerProcess
-) -> Iterator[ServerProcess]:
-    tokenizer = make_tokenizer(tmp_path_factory.mktemp("rag-tokenizer"))
-    env = {
-        "DAERT_CONTEXT_TOKENIZERS": tokenizers_env(
-            tiny={"kind": "huggingface", "path": str(Path(tokenizer))}
-        ),
-        "DAERT_GENERATION_TARGET": f"127.0.0.1:{free_port()}",
-        "DAERT_EMBEDDING_TARGET": embedding_server.target,
-    }
-    with ServerProcess("context", env) as server:
-        server.wait_health("SERVING")
-        yield server
-
-
-@pytest.fixture(scope="module")
 async def corpus(embedding_server: ServerProcess, retrieval_server: ServerProcess) -> None:
-    async with (
-        EmbeddingClient(embedding_server.target) as embedding,
-        RetrievalClient(retrieval_server.target) as retrieval,
-    ):
-        [probe] = await embedding.embed_texts(["dimensions"])
-        for tenant, documents in CORPUS.items():
-            await _create(retrieval, tenant, COLLECTION, len(probe))
-            for document, title, region, texts in documents:
-                vectors = await embedding.embed_texts(texts)
-                chunks = []
-                for i, (text, vector) in enumerate(zip(texts, vectors, strict=True)):
-                    metadata = struct_pb2.Struct()
-                    metadata.update(
-                        {
-                            "source_uri": source_uri(tenant, document),
-                            "title": title,
-                            "region": region,
-                            "position": i,
-                        }
-                    )
-                    chunks.append(
-                        retrieval_pb2.Chunk(
-                            id=f"{document}-{i}",
-                            document_id=document,
-                            text=text,
-                            vector=common_pb2.Vector(values=vector),
-                            metadata=metadata,
-                        )
-                    )
-                await retrieval.stub.Upsert(
-                    retrieval_pb2.UpsertRequest(collection=COLLECTION, tenant=tenant, chunks=chunks)
-                )
-        await _create(retrieval, ACME, ACME_ONLY, len(probe))
-
-
-async def _create(retrieval: RetrievalClient, tenant: str, collection: str, dims: int) -> None:
-    await retrieval.stub.DeleteCollection(
-        retrieval_pb2.DeleteCollectionRequest(
-            collection=collection, tenant=tenant, allow_missing=True
-        )
-    )
-    await retrieval.stub.CreateCollection(
-        retrieval_pb2.CreateCollectionRequest(collection=collection, tenant=tenant, dimensions=dims)
-    )
+    await load_corpus(embedding_server.target, retrieval_server.target)
 
 
 @pytest.fixture
@@ -180,13 +63,13 @@ async def clients(
     embedding_server: ServerProcess,
     retrieval_server: ServerProcess,
     rerank_server: ServerProcess,
-    context_server: ServerProcess,
+    rag_context_server: ServerProcess,
 ) -> AsyncIterator[dict[str, Any]]:
     async with (
         EmbeddingClient(embedding_server.target) as embedding,
         RetrievalClient(retrieval_server.target) as retrieval,
         RerankClient(rerank_server.target) as rerank,
-        ContextClient(context_server.target, timeout_s=60) as context,
+        ContextClient(rag_context_server.target, timeout_s=60) as context,
     ):
         yield {"embedding": embedding, "retrieval": retrieval, "rerank": rerank, "context": context}
 
