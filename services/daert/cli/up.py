@@ -10,14 +10,16 @@ PostgreSQL for retrieval and the LoRA registry, or Weaviate; Redis for the gener
 the LoRA router and rolling summaries; the embedded LLM, llama.cpp's llama-server with
 Gemma 3 270M, for generation and context) are started first, with their data under the
 state folder, and stopped last. Airflow 3 (its four components, the DAGs in dags/, its
-metadata in a database of its own on that PostgreSQL) starts while the services do. The LLM
-and Airflow are watched like the services: if one dies, the stack stops.
+metadata in a database of its own on that PostgreSQL) starts while the services do. The
+OpenAI-compatible gateway starts once they serve, with a development API key. The LLM,
+Airflow and the gateway are watched like the services: if one dies, the stack stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -29,7 +31,9 @@ from typing import Protocol
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from daert.gateway.config import GatewaySettings
 from daert.local.airflow import ADMIN_USER, AirflowSettings, EmbeddedAirflow, create_database
+from daert.local.gateway import EmbeddedGateway
 from daert.local.llm import EmbeddedLlm, LlmSettings, context_tokenizers, generation_models
 from daert.local.postgres import EmbeddedPostgres
 from daert.local.redis import EmbeddedRedis
@@ -118,6 +122,13 @@ def _banner(services: list[_Running], data: _DataServices) -> str:
                 f"  {'':<12} NOT_SERVING: waiting for its backend (its log above says why); "
                 "it turns SERVING when the backend answers"
             )
+    if data.gateway:
+        lines.append(
+            f"  {'gateway':<12} http {data.gateway.url:<18} (OpenAI API at /v1, docs at /docs)"
+        )
+        lines.append(
+            f"  {'':<12} API key {data.gateway.dev_key()} (kept in {data.gateway.key_file})"
+        )
     grpcurl = str(LOCAL_GRPCURL) if LOCAL_GRPCURL.exists() else "grpcurl"
     lines += ["", "Try:"]
     for s in services:
@@ -132,6 +143,8 @@ def _banner(services: list[_Running], data: _DataServices) -> str:
             "-H 'content-type: application/json' "
             """-d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}'"""
         )
+    if data.gateway:
+        lines += _gateway_examples(data.gateway, services)
     if data.airflow:
         lines.append(
             f"  drop documents into {data.documents_dir}, then trigger the DAG "
@@ -139,6 +152,30 @@ def _banner(services: list[_Running], data: _DataServices) -> str:
         )
     lines += ["", "Ctrl-C stops everything.", ""]
     return "\n".join(lines)
+
+
+def _gateway_examples(gateway: EmbeddedGateway, services: list[_Running]) -> list[str]:
+    """A curl line and an openai-SDK snippet, ready to paste."""
+    key, base = gateway.dev_key(), f"{gateway.url}/v1"
+    model = os.environ.get("DAERT_GATEWAY_EXAMPLE_MODEL", "") or _default_model()
+    return [
+        f"  curl -s {base}/chat/completions -H 'authorization: Bearer {key}' "
+        "-H 'content-type: application/json' "
+        f"""-d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}]}}'""",
+        "  python - <<'EOF'",
+        "  from openai import OpenAI",
+        f'  client = OpenAI(base_url="{base}", api_key="{key}")',
+        f'  reply = client.chat.completions.create(model="{model}", '
+        'messages=[{"role": "user", "content": "Hello"}])',
+        "  print(reply.choices[0].message.content)",
+        "  EOF",
+    ]
+
+
+def _default_model() -> str:
+    """The first configured generation model: the embedded LLM's unless overridden."""
+    models = json.loads(os.environ.get("DAERT_GENERATION_MODELS") or "[]")
+    return str(models[0]["name"]) if models else "llama3.2"
 
 
 async def _unless_stopped(stop: asyncio.Event, work: Awaitable[object]) -> bool:
@@ -190,6 +227,7 @@ class _DataServices:
     postgres: EmbeddedPostgres | None = None
     llm: EmbeddedLlm | None = None
     airflow: EmbeddedAirflow | None = None
+    gateway: EmbeddedGateway | None = None
     documents_dir: Path | None = None
 
 
@@ -221,6 +259,8 @@ def _start_data_services(names: list[str], state_dir: Path, started: _DataServic
     dsn_vars = [f"DAERT_{name.upper()}_DSN" for name in _NEEDS_POSTGRES if name in names]
     if "retrieval" in names and backend != "pgvector":
         dsn_vars.remove("DAERT_RETRIEVAL_DSN")
+    if _wants_gateway(names):
+        dsn_vars.append("DAERT_GATEWAY_DSN")
     unset = [var for var in dsn_vars if not os.environ.get(var)]
     airflow = load_settings(AirflowSettings)
     if unset or (airflow.enabled and not airflow.database_url):
@@ -232,6 +272,8 @@ def _start_data_services(names: list[str], state_dir: Path, started: _DataServic
         started.postgres = postgres
         _say(f"started the embedded PostgreSQL + pgvector (data in {postgres.data_dir})")
     redis_vars = [f"DAERT_{name.upper()}_REDIS_URL" for name in _NEEDS_REDIS if name in names]
+    if _wants_gateway(names):
+        redis_vars.append("DAERT_GATEWAY_REDIS_URL")
     unset = [var for var in redis_vars if not os.environ.get(var)]
     if unset:
         redis = EmbeddedRedis(state_dir / "redis", persist=True)
@@ -252,6 +294,24 @@ def _start_data_services(names: list[str], state_dir: Path, started: _DataServic
         stops.append(weaviate.stop)
         _say(f"started the embedded Weaviate at {url} (data in {weaviate.data_dir})")
     _start_llm(names, state_dir, started)
+
+
+def _wants_gateway(names: list[str]) -> bool:
+    """The gateway runs unless DAERT_GATEWAY_ENABLED=false or the services it fronts for
+    chat and embeddings are not all part of this stack."""
+    enabled = os.environ.get("DAERT_GATEWAY_ENABLED", "true").lower() not in ("0", "false", "no")
+    return enabled and "generation" in names and "embedding" in names
+
+
+async def _start_gateway(services: list[_Running], data: _DataServices, state_dir: Path) -> None:
+    for s in services:
+        os.environ.setdefault(f"DAERT_{s.spec.name.upper()}_TARGET", s.target)
+    gateway = EmbeddedGateway(load_settings(GatewaySettings), state_dir / "gateway")
+    _say(f"starting the gateway at {gateway.url} (log {gateway.log_file})")
+    data.stops.append(gateway.stop)
+    await asyncio.to_thread(gateway.start)
+    data.watched["gateway"] = data.gateway = gateway
+    _say(f"the gateway is up at {gateway.url}")
 
 
 def _airflow(data: _DataServices, state_dir: Path) -> EmbeddedAirflow | None:
@@ -307,6 +367,10 @@ async def _run(names: list[str], ready_timeout_s: float, state_dir: Path) -> int
         if airflow:
             waits.append(_start_airflow(airflow, services, data))
         if not await _unless_stopped(stop, asyncio.gather(*waits)):
+            return 0
+        if _wants_gateway(names) and not await _unless_stopped(
+            stop, _start_gateway(services, data, state_dir)
+        ):
             return 0
         print(_banner(services, data), flush=True)
         if not await _unless_stopped(stop, _first_exit(services, data.watched)):
