@@ -139,6 +139,34 @@ async def test_database_outage_is_key_store_unavailable() -> None:
         await KeyStore(f"postgresql://127.0.0.1:{free_port()}/x").open(require_database=True)
 
 
+async def test_a_key_seen_recently_survives_a_database_restart(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("keys-outage"))
+    dsn = server.start()
+    tolerant = KeyStore(dsn, cache_ttl_s=0.05, connect_timeout_s=1)
+    strict = KeyStore(dsn, cache_ttl_s=0.05, connect_timeout_s=1, stale_grace_s=0)
+    await tolerant.open()
+    await strict.open()
+    try:
+        token, key = await tolerant.create(tenant="acme")
+        assert await strict.authenticate(token) == key
+        assert await tolerant.authenticate(token) == key
+        await asyncio.sleep(0.1)  # both cache entries expire
+        server.stop()
+        assert await tolerant.authenticate(token) == key
+        with pytest.raises(KeyStoreUnavailable):
+            await strict.authenticate(token)
+        with pytest.raises(KeyStoreUnavailable):  # a key never seen is not guessed at
+            await tolerant.authenticate("dk-0123456789ab-" + "x" * 43)
+        server.start()
+        assert await strict.authenticate(token) == key  # the pool reconnects by itself
+    finally:
+        await tolerant.close()
+        await strict.close()
+        server.stop()
+
+
 # --- the CLI -----------------------------------------------------------------------------
 
 

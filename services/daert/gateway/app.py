@@ -128,7 +128,11 @@ def build_state(settings: GatewaySettings) -> Gateway:
     return Gateway(
         settings=settings,
         clients=clients,
-        keys=KeyStore(settings.dsn, cache_ttl_s=settings.key_cache_s),
+        keys=KeyStore(
+            settings.dsn,
+            cache_ttl_s=settings.key_cache_s,
+            stale_grace_s=settings.key_stale_grace_s,
+        ),
         limiter=RateLimiter(settings.redis_url or None),
         catalog=ModelCatalog(
             clients.generation, clients.embedding, clients.lora, settings.catalog_ttl_s

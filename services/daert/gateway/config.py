@@ -35,6 +35,12 @@ class GatewaySettings(ServerSettings):
     key_cache_s: float = Field(
         5.0, ge=0, description="How long an authenticated key is trusted before it is re-read."
     )
+    key_stale_grace_s: float = Field(
+        300.0,
+        ge=0,
+        description="While PostgreSQL is unreachable, keys seen active this long past their "
+        "cache time are still accepted (0: none).",
+    )
     request_timeout_s: float = Field(
         300.0, gt=0, description="Deadline of each call to a service (a long generation too)."
     )

@@ -8,7 +8,9 @@ random bits. Such a token is looked up by its digest, not compared against anyth
 hash is enough (there is no password to brute-force) and keeps authentication cheap.
 
 Authentication is on every request's path, so recent successes are cached in-process for
-`cache_ttl_s`: a revocation reaches the other replicas within that time."""
+`cache_ttl_s`: a revocation reaches the other replicas within that time. While PostgreSQL is
+unreachable, a key that was active within `stale_grace_s` past its cache time is still
+accepted, so a database restart does not turn away the callers of a moment ago."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import psycopg
 from psycopg.rows import DictRow, dict_row
 
 from daert.runtime.errors import DeadlineExceeded, Unavailable
-from daert.runtime.postgres import Migration, PostgresDatabase
+from daert.runtime.postgres import ConnectionLost, Migration, PostgresDatabase
 
 log = logging.getLogger("daert.gateway.keys")
 
@@ -126,6 +128,7 @@ class KeyStore:
         cache_ttl_s: float = 5.0,
         pool_max_size: int = 8,
         connect_timeout_s: float = 2.0,
+        stale_grace_s: float = 300.0,
     ) -> None:
         self._db = PostgresDatabase(
             dsn,
@@ -138,6 +141,7 @@ class KeyStore:
             connection_kwargs={"row_factory": dict_row},
         )
         self._cache_ttl_s = cache_ttl_s
+        self._stale_grace_s = stale_grace_s
         self._cache: dict[bytes, tuple[float, ApiKey]] = {}  # digest -> (expiry, key)
 
     async def open(self, *, require_database: bool = False) -> None:
@@ -239,15 +243,17 @@ class KeyStore:
         digest = _digest(token)
         now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is not None:
-            if cached[0] > now:
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            row = await self._find(digest)
+        except KeyStoreUnavailable:
+            # A key seen active shortly before stays trusted while PostgreSQL is away (a
+            # restart, a failover): a revocation it could not have seen waits for it.
+            if cached is not None and now - cached[0] < self._stale_grace_s:
                 return cached[1]
-            del self._cache[digest]  # re-added below at the end: the dict stays oldest first
-        row = await self._one(
-            f"""SELECT {_COLUMNS} FROM daert_gateway_api_keys
-            WHERE token_sha256 = %s AND revoked_at IS NULL""",
-            (digest,),
-        )
+            raise
+        self._cache.pop(digest, None)  # re-added below at the end: the dict stays oldest first
         if row is None:
             # Unknown tokens are not cached: a key created a moment ago must work at once.
             return None
@@ -259,6 +265,14 @@ class KeyStore:
                     del self._cache[next(iter(self._cache))]  # the oldest entry
             self._cache[digest] = (now + self._cache_ttl_s, key)
         return key
+
+    async def _find(self, digest: bytes) -> DictRow | None:
+        query = f"""SELECT {_COLUMNS} FROM daert_gateway_api_keys
+            WHERE token_sha256 = %s AND revoked_at IS NULL"""
+        try:
+            return await self._one(query, (digest,), lost_is_unavailable=False)
+        except ConnectionLost:  # after a database restart: the pool has dropped that one
+            return await self._one(query, (digest,))
 
     async def list(self, *, include_revoked: bool = False) -> list[ApiKey]:
         where = "" if include_revoked else "WHERE revoked_at IS NULL"
@@ -283,17 +297,26 @@ class KeyStore:
     def _forget(self, key_id: str) -> None:
         self._cache = {d: e for d, e in self._cache.items() if e[1].id != key_id}
 
-    async def _one(self, query: str, params: tuple[Any, ...]) -> DictRow | None:
-        async with self._connection() as conn:
+    async def _one(
+        self, query: str, params: tuple[Any, ...], *, lost_is_unavailable: bool = True
+    ) -> DictRow | None:
+        async with self._connection(lost_is_unavailable) as conn:
             cursor = await conn.execute(query.encode(), params)
             row: DictRow | None = await cursor.fetchone()
         return row
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
-        """A pooled connection; the database's service errors become KeyStoreUnavailable."""
+    async def _connection(
+        self, lost_is_unavailable: bool = True
+    ) -> AsyncIterator[psycopg.AsyncConnection[DictRow]]:
+        """A pooled connection; the database's service errors become KeyStoreUnavailable
+        (a lost connection too, unless the caller retries it)."""
         try:
             async with self._db.connection() as conn:
                 yield conn
+        except ConnectionLost as exc:
+            if not lost_is_unavailable:
+                raise
+            raise KeyStoreUnavailable(f"the API key store is unavailable: {exc}") from None
         except (Unavailable, DeadlineExceeded) as exc:
             raise KeyStoreUnavailable(f"the API key store is unavailable: {exc}") from None

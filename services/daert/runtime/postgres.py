@@ -21,6 +21,11 @@ from daert.runtime.errors import DeadlineExceeded, Unavailable
 log = logging.getLogger("daert.postgres")
 
 
+class ConnectionLost(Unavailable):
+    """A pooled connection broke (the server restarted): the pool has dropped it, so an
+    idempotent call may try once more at once."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -154,4 +159,4 @@ class PostgresDatabase:
             # calls already holding one fail (UNAVAILABLE, which clients retry); checking
             # every connection before use would cost a round trip per call instead.
             await self.pool.check()
-            raise Unavailable(f"PostgreSQL connection failed: {exc}") from None
+            raise ConnectionLost(f"PostgreSQL connection failed: {exc}") from None
