@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from daert.cli import build_parser
+from daert.gateway.config import GatewaySettings
 from daert.runtime.registry import DEFAULT_PORTS, SERVICES, default_metrics_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,6 +283,9 @@ def test_service_images_expose_the_stack_ports(name: str) -> None:
     }
     expected = {DEFAULT_PORTS[s] for s in SERVICE_IMAGES[name]}
     expected |= {default_metrics_port(s) for s in SERVICE_IMAGES[name]}
+    if name == "services":  # the gateway too: HTTP and its metrics port
+        gateway = GatewaySettings.model_fields
+        expected |= {gateway["port"].default, gateway["metrics_port"].default}
     assert exposed == expected
 
 
@@ -314,7 +318,7 @@ def test_services_image_layers_and_runtime_settings() -> None:
     copies = [i for i in builder if i.keyword == "COPY"]
     # pyproject first, dependencies installed, then the source: edits keep the deps layer.
     assert "pyproject.toml" in copies[0].args and "services" in copies[-1].args
-    deps = [i for i in builder if i.keyword == "RUN" and "'.[models]'" in i.args]
+    deps = [i for i in builder if i.keyword == "RUN" and "'.[models,gateway]'" in i.args]
     assert len(deps) == 1 and copies[0].line < deps[0].line < copies[-1].line
     assert "download.pytorch.org/whl/cpu" in parsed.path.read_text()
     env = _env(parsed.final)

@@ -36,9 +36,8 @@ SERVICES = [
     "lora",
     "gateway",
 ]
-# The services on by default: every one whose server exists (daert.runtime.registry.SERVICES);
-# the gateway is off until it ships.
-DEFAULT_ON = ["generation", "embedding", "retrieval", "rerank", "sandbox", "context", "lora"]
+# The services on by default: all of them.
+DEFAULT_ON = list(SERVICES)
 
 # Values that switch every service on (and every optional object the chart has).
 ALL_ON: dict[str, Any] = {

@@ -103,12 +103,18 @@ def test_daert_full_values_are_valid_daert_values(overlay: list[str]) -> None:
         data = rendered.get("ConfigMap", "daert-retrieval")["data"]
         assert data["DAERT_RETRIEVAL_BACKEND"] == "weaviate"
         assert data["DAERT_RETRIEVAL_WEAVIATE_URL"].startswith("http://weaviate")
-        # Retrieval no longer uses PostgreSQL (the LoRA router's adapter registry still does).
+        # Retrieval no longer uses PostgreSQL (the LoRA router's adapter registry and the
+        # gateway's API keys still do).
         assert "DAERT_RETRIEVAL_DSN" not in data
         egress = rendered.get("NetworkPolicy", "daert-retrieval")["spec"]["egress"]
         assert "postgresql" not in str(egress)
         assert rendered.names("StatefulSet") == {"daert-postgresql"}
-        assert not render({**values["daert"], "lora": {"enabled": False}}).of("StatefulSet")
+        without_users = {
+            **values["daert"],
+            "lora": {"enabled": False},
+            "gateway": {"enabled": False},
+        }
+        assert not render(without_users).of("StatefulSet")
 
 
 # --- Airflow ---------------------------------------------------------------------------------

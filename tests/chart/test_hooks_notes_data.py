@@ -52,9 +52,11 @@ def test_helm_test_hook_checks_every_enabled_service() -> None:
     script = health_pod(OWN_SERVERS)["spec"]["containers"][0]["args"][0]
     assert "-llm" not in script
     # Only enabled services are checked.
-    script = health_pod({})["spec"]["containers"][0]["args"][0]
-    assert script.count("grpc.health.v1.Health/Check") == len(DEFAULT_ON)
-    assert "gateway" not in script
+    script = health_pod({"lora": {"enabled": False}})["spec"]["containers"][0]["args"][0]
+    grpc_services = [name for name in DEFAULT_ON if name not in ("gateway", "lora")]
+    assert script.count("grpc.health.v1.Health/Check") == len(grpc_services)
+    assert f"{FULLNAME}-lora" not in script
+    assert f"http://{FULLNAME}-gateway:8000/healthz" in script
 
 
 STUB = """#!/bin/sh
@@ -149,8 +151,10 @@ def test_notes_tell_how_to_reach_each_enabled_service(tmp_path: Path) -> None:
     for name in DEFAULT_ON:
         port = render().get("Service", f"{FULLNAME}-{name}")["spec"]["ports"][0]["port"]
         assert f"kubectl -n ns port-forward svc/{FULLNAME}-{name} {port}:{port}" in notes
-        assert f"grpcurl -plaintext localhost:{port} grpc.health.v1.Health/Check" in notes
-    assert "gateway" not in notes
+        if name != "gateway":
+            assert f"grpcurl -plaintext localhost:{port} grpc.health.v1.Health/Check" in notes
+    assert "curl http://localhost:8000/healthz" in notes
+    assert f"exec deploy/{FULLNAME}-gateway -- daert keys create --tenant" in notes
     assert "helm test rel -n ns" in notes
     # The LLM server, how to reach it and where its model comes from.
     assert f"kubectl -n ns port-forward svc/{FULLNAME}-llm 8090:8090" in notes
@@ -196,8 +200,10 @@ def test_pgvector_statefulset() -> None:
 
 
 def test_redis_runs_only_when_a_service_uses_it() -> None:
-    # Generation (its cache), context (rolling summaries) and lora (load state) use it.
-    users_off = {name: {"enabled": False} for name in ("generation", "context", "lora")}
+    # Generation (its cache), context (rolling summaries), lora (load state) and the gateway
+    # (rate limits) use it.
+    users = ("generation", "context", "lora", "gateway")
+    users_off = {name: {"enabled": False} for name in users}
     assert f"{FULLNAME}-redis" not in render(users_off).names("Deployment")
     assert f"{FULLNAME}-redis" in render({**users_off, "lora": {"enabled": True}}).names(
         "Deployment"
@@ -213,7 +219,6 @@ def test_redis_runs_only_when_a_service_uses_it() -> None:
     assert "$(REDIS_PASSWORD)" not in " ".join(c["args"])
     data = rendered.get("ConfigMap", f"{FULLNAME}-generation")["data"]
     assert data["DAERT_GENERATION_REDIS_URL"] == f"redis://{FULLNAME}-redis:6379/0"
-    # PostgreSQL likewise: retrieval and lora off and nothing else using it, no database.
-    assert not render({"retrieval": {"enabled": False}, "lora": {"enabled": False}}).of(
-        "StatefulSet"
-    )
+    # PostgreSQL likewise: retrieval, lora and the gateway (its API keys) off, no database.
+    db_users_off = {name: {"enabled": False} for name in ("retrieval", "lora", "gateway")}
+    assert not render(db_users_off).of("StatefulSet")

@@ -93,6 +93,8 @@ def test_each_service_reaches_only_what_it_needs() -> None:
             "rerank": [50054],
             "context": [50056],
             "lora": [50057],
+            "postgresql": [5432],
+            "redis": [6379],
         },
     }
     for name, allowed in expected.items():
