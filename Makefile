@@ -19,6 +19,12 @@ WEAVIATE_VERSION := v1.35.2
 # llama-cpp-python sdist on PyPI carries (vendor/llama.cpp), cached per sdist version.
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
 LLAMA_CACHE := $(TOOLS_CACHE)/llama-server-$(LLAMA_CPP_PYTHON_VERSION)
+# The local Kubernetes control plane of the chart's tests (built below; tools/kube pins the
+# same k8s.io/kubernetes release) and kwok, which simulates its nodes.
+KUBE_VERSION := v1.34.3
+KWOK_VERSION := v0.8.0
+KUBE_COMMANDS := kube-apiserver kube-controller-manager kube-scheduler
+KUBE_TOOLS := $(addprefix $(TOOLS)/,$(KUBE_COMMANDS)) $(TOOLS)/kwok
 
 # The packages sandboxed code may import, installed outside the clone, one folder per version
 # of the list. As root, sandboxes run as uids of their own, which cannot read root's home.
@@ -26,8 +32,9 @@ SANDBOX_PACKAGES_LIST := services/daert/sandbox/packages.txt
 SANDBOX_CACHE := $(if $(filter 0,$(shell id -u)),/var/cache/daert,$(HOME)/.cache/daert)
 SANDBOX_PACKAGES := $(SANDBOX_CACHE)/sandbox-packages-$(shell sha256sum $(SANDBOX_PACKAGES_LIST) | cut -c1-12)
 # Debian packages the stack runs: bubblewrap and libseccomp2 isolate the sandbox service;
-# redis-server backs the generation cache and the LoRA router's shared state.
-SYSTEM_PACKAGES := bubblewrap libseccomp2 redis-server
+# redis-server backs the generation cache and the LoRA router's shared state; etcd-server is
+# the store of the local Kubernetes control plane the chart's tests install onto.
+SYSTEM_PACKAGES := bubblewrap libseccomp2 redis-server etcd-server
 
 export PATH := $(CURDIR)/$(TOOLS):$(PATH)
 export HF_HUB_OFFLINE := 1
@@ -38,7 +45,7 @@ export DAERT_SANDBOX_PACKAGES_DIR ?= $(SANDBOX_PACKAGES)
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: system-packages $(VENV)/.installed $(SANDBOX_PACKAGES)/.installed $(TOOLS)/buf $(TOOLS)/grpcurl $(TOOLS)/helm $(TOOLS)/weaviate-server $(TOOLS)/llama-server ## Debian packages, venv, Python deps, Go tools, llama-server (idempotent)
+setup: system-packages $(VENV)/.installed $(SANDBOX_PACKAGES)/.installed $(TOOLS)/buf $(TOOLS)/grpcurl $(TOOLS)/helm $(TOOLS)/weaviate-server $(TOOLS)/llama-server $(KUBE_TOOLS) ## Debian packages, venv, Python deps, Go tools, llama-server (idempotent)
 
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -69,6 +76,29 @@ $(TOOLS)/$(1):
 endef
 $(eval $(call go_tool,buf,github.com/bufbuild/buf/cmd/buf,$(BUF_VERSION)))
 $(eval $(call go_tool,grpcurl,github.com/fullstorydev/grpcurl/cmd/grpcurl,$(GRPCURL_VERSION)))
+
+# The local Kubernetes control plane of the chart's tests (daert.local.kube). kube-apiserver,
+# kube-controller-manager and kube-scheduler come from k8s.io/kubernetes through the wrapper
+# module tools/kube (its go.mod says why), with the version link-time values its own build
+# sets (without them the server reports v0.0.0 and helm's kubeVersion checks fail); about ten
+# minutes on two cores, once per version. kwok, which simulates the nodes, with go install.
+KUBE_CACHE := $(TOOLS_CACHE)/kube-$(KUBE_VERSION)
+KUBE_MINOR := $(word 2,$(subst ., ,$(KUBE_VERSION)))
+KUBE_LDFLAGS := -s -w $(foreach pkg,k8s.io/client-go/pkg/version k8s.io/component-base/version,\
+  -X $(pkg).gitVersion=$(KUBE_VERSION) -X $(pkg).gitMajor=1 -X $(pkg).gitMinor=$(KUBE_MINOR) \
+  -X $(pkg).gitTreeState=clean -X $(pkg).buildDate=1970-01-01T00:00:00Z)
+$(KUBE_CACHE)/.built:
+	@test "$$(cd tools/kube && go list -m -f '{{.Version}}' k8s.io/kubernetes)" = $(KUBE_VERSION) || { \
+	  echo "tools/kube/go.mod does not require k8s.io/kubernetes $(KUBE_VERSION)" >&2; exit 1; }
+	@echo "building $(KUBE_COMMANDS) $(KUBE_VERSION) from tools/kube (about ten minutes, once)"
+	@rm -rf $(KUBE_CACHE).tmp && mkdir -p $(KUBE_CACHE).tmp
+	cd tools/kube && CGO_ENABLED=0 go build -trimpath -tags selinux,notest \
+	  -ldflags "$(KUBE_LDFLAGS)" -o $(KUBE_CACHE).tmp/ $(addprefix k8s.io/kubernetes/cmd/,$(KUBE_COMMANDS))
+	@rm -rf $(KUBE_CACHE) && mv $(KUBE_CACHE).tmp $(KUBE_CACHE) && touch $@
+$(addprefix $(TOOLS)/,$(KUBE_COMMANDS)): | $(KUBE_CACHE)/.built
+	@mkdir -p $(TOOLS)
+	@ln -sfn $(KUBE_CACHE)/$(notdir $@) $@
+$(eval $(call go_tool,kwok,sigs.k8s.io/kwok/cmd/kwok,$(KWOK_VERSION)))
 
 # helm, with the link-time values its own Makefile sets: without them it reports "v3.21"
 # (which pyhelm3 cannot parse) and renders offline for Kubernetes 1.20. 1.36 is the
