@@ -1,6 +1,6 @@
-"""`daert up` (what `make up` runs): supervised services, the embedded LLM and Airflow,
-health, first calls through grpcurl, the ingestion DAG triggered through Airflow's REST API, a
-clean stop, and a crash that stops the stack."""
+"""`daert up` (what `make up` runs): supervised services, the embedded LLM, Airflow and the
+gateway, health, first calls through grpcurl and the openai SDK, the ingestion DAG triggered
+through Airflow's REST API, a clean stop, and a crash that stops the stack."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 from daert.runtime.registry import SERVICES
 
 from tests.helpers import free_port
@@ -25,6 +26,7 @@ from tests.helpers import free_port
 _STARTED_BY_UP = (
     "DAERT_RETRIEVAL_DSN", "DAERT_LORA_DSN", "DAERT_GENERATION_REDIS_URL", "DAERT_LORA_REDIS_URL",
     "DAERT_CONTEXT_REDIS_URL", "DAERT_GENERATION_MODELS", "DAERT_CONTEXT_TOKENIZERS",
+    "DAERT_GATEWAY_DSN", "DAERT_GATEWAY_REDIS_URL",
 )  # fmt: skip
 
 
@@ -52,6 +54,10 @@ def daert_up(tmp_path: Path, *args: str, **env_vars: str) -> Iterator[Stack]:
     env["DAERT_LLM_PORT"] = str(ports["llm"])
     ports["airflow"] = free_port()
     env["DAERT_AIRFLOW_PORT"] = str(ports["airflow"])
+    ports["gateway"] = (free_port(), free_port())
+    env["DAERT_GATEWAY_PORT"], env["DAERT_GATEWAY_METRICS_PORT"] = map(str, ports["gateway"])
+    for service in SERVICES:  # the gateway finds the services the way `up` tells it
+        env.pop(f"DAERT_{service.upper()}_TARGET", None)
     for var in _STARTED_BY_UP:
         env.pop(var, None)
     env.update(env_vars, DAERT_STATE_DIR=str(tmp_path / "state"))
@@ -143,6 +149,31 @@ def test_up_serves_all_seven_services_over_the_embedded_llm(grpcurl: Path, tmp_p
             grpcurl, port["lora"][0], "daert.v1.LoraRouterService/ListAdapters", {}
         ) == {}  # fmt: skip
 
+        # The gateway, with the development key the banner prints, in front of the real LLM.
+        key = (tmp_path / "state" / "gateway" / "dev-key").read_text().strip()
+        gateway_url = f"http://localhost:{port['gateway'][0]}"
+        assert f"gateway      http {gateway_url}" in banner and f"API key {key}" in banner
+        assert f'OpenAI(base_url="{gateway_url}/v1", api_key="{key}")' in banner
+        client = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key=key, max_retries=0)
+        answer = client.chat.completions.create(
+            model="gemma-3-270m",
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=8,
+            temperature=0,
+        )
+        assert answer.choices[0].message.content and answer.usage is not None
+        assert 0 < answer.usage.completion_tokens <= 8
+        streamed = client.chat.completions.create(
+            model="gemma-3-270m",
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=8,
+            stream=True,
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).strip()
+        vector = client.embeddings.create(model="all-MiniLM-L6-v2", input="hello").data[0]
+        assert len(vector.embedding) == 384
+        assert httpx.get(f"{gateway_url}/readyz").status_code == 200
+
         # The LLM is supervised like the services: when it dies, the stack stops.
         llm = subprocess.run(
             ["pgrep", "-s", str(stack.process.pid), "-f", "llama-server"],
@@ -182,6 +213,9 @@ def test_up_with_your_own_models_runs_no_llm_and_stops_cleanly(
             )
             assert "NOT_SERVING" in lines[row + 1]
         assert sum("NOT_SERVING" in line for line in lines) == 2
+        # The gateway is up all the same, and says what is missing.
+        ready = httpx.get(f"http://localhost:{stack.ports['gateway'][0]}/readyz")
+        assert ready.status_code == 503 and ready.json()["services"]["generation"] == "NOT_SERVING"
         # The reason is the service's own log line, above the banner.
         reasons = [
             json.loads(line)
