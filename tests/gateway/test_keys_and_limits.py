@@ -4,6 +4,7 @@ failing open) while Redis is down."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -13,7 +14,7 @@ from daert.local.postgres import EmbeddedPostgres
 from daert.local.redis import EmbeddedRedis
 from daert.testing import ServerProcess
 
-from tests.gateway.conftest import EMBEDDING_MODEL, Keys, gateway_env
+from tests.gateway.conftest import CHAT_MODEL, EMBEDDING_MODEL, Keys, gateway_env
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,11 @@ def second_gateway(
     env = gateway_env(postgres, redis_server, embedding=embedding_server.target)
     with ServerProcess("gateway", env) as server:
         yield server
+
+
+def _models_status(base_url: str, token: str) -> int:
+    headers = {"authorization": f"Bearer {token}"}
+    return httpx.get(f"{base_url}/v1/models", headers=headers).status_code
 
 
 def _embed(base_url: str, token: str) -> httpx.Response:
@@ -102,3 +108,19 @@ def test_redis_down_still_serves(
     fresh = keys.create("acme", rpm_limit=1)
     assert _embed(gateway_server.url, fresh).status_code == 200
     assert _embed(gateway_server.url, fresh).status_code == 429  # enforced again
+
+
+def test_streamed_answers_count_their_tokens(gateway_server: ServerProcess, keys: Keys) -> None:
+    token = keys.create("acme", tpm_limit=10)
+    client = openai.OpenAI(base_url=f"{gateway_server.url}/v1", api_key=token, max_retries=0)
+    stream = client.chat.completions.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "Say hello"}], stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    # The stream's usage (its prompt plus 9 completion tokens) is recorded once it ends; the
+    # model list, which costs no tokens itself, then finds the key over its limit.
+    deadline = time.monotonic() + 5
+    while _models_status(gateway_server.url, token) == 200:
+        assert time.monotonic() < deadline, "the streamed tokens were never counted"
+        time.sleep(0.1)
+    assert _models_status(gateway_server.url, token) == 429
