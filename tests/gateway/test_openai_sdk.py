@@ -53,7 +53,7 @@ def test_chat_completion(client: openai.OpenAI, fake_vllm: FakeOpenAI) -> None:
 
 
 def test_sampling_parameters_reach_the_llm_server(
-    client: openai.OpenAI, fake_vllm: FakeOpenAI
+    client: openai.OpenAI, fake_vllm: FakeOpenAI, gateway_server: ServerProcess
 ) -> None:
     reply = client.chat.completions.create(
         model=CHAT_MODEL,
@@ -72,6 +72,10 @@ def test_sampling_parameters_reach_the_llm_server(
     assert (sent["max_tokens"], sent["top_p"], sent["seed"], sent["top_k"]) == (3, 0.9, 7, 5)
     assert sent["temperature"] == pytest.approx(0.5)
     assert sent["stop"] == ["never"]
+    # `user` is the application's end user: logged with the request, not sent upstream.
+    assert "user" not in sent
+    logged = [e for e in gateway_server.logs() if e.get("end_user") == "end-user-1"]
+    assert logged and logged[-1]["path"] == "/v1/chat/completions" and logged[-1]["tenant"]
 
 
 def test_streamed_chat_with_usage(client: openai.OpenAI) -> None:

@@ -73,6 +73,7 @@ class RequestContext:
             elapsed = time.perf_counter() - started
             HTTP_REQUESTS.labels(label, scope["method"], str(status)).inc()
             HTTP_LATENCY.labels(label).observe(elapsed)
+            state = scope.get("state", {})
             access_log.info(
                 "request",
                 extra={
@@ -80,6 +81,8 @@ class RequestContext:
                     "path": scope["path"],
                     "status": status,
                     "duration_ms": round(elapsed * 1000, 1),
+                    # Who asked: the key (never its secret) and the body's `user`, if any.
+                    **{k: state[k] for k in ("key_id", "tenant", "end_user") if k in state},
                 },
             )
             request_id_var.reset(token)

@@ -148,6 +148,7 @@ async def authenticate(request: Request) -> Caller:
         ) from None
     if key is None:
         raise _unauthorized("invalid or revoked API key")
+    request.state.key_id, request.state.tenant = key.id, key.tenant
     decision = await state.limiter.admit(key)
     request.state.rate_limit_headers = decision.headers
     if not decision.allowed:

@@ -82,6 +82,8 @@ async def chat_completions(
     body: ChatCompletionRequest, request: Request, caller: Authenticated
 ) -> Response:
     state = gateway(request)
+    if body.user:
+        request.state.end_user = body.user
     model = await _model(state, caller, body.model)
     messages: list[common_pb2.ChatMessage] | None = None
     citations: list[Citation] = []
@@ -189,6 +191,8 @@ async def _guarded(
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request, caller: Authenticated) -> Response:
     state = gateway(request)
+    if body.user:
+        request.state.end_user = body.user
     model = await _model(state, caller, body.model)
     fields = translate.generate_fields(body, model, caller.tenant)
     if body.stream:
