@@ -22,8 +22,9 @@ import asyncio
 import json
 import multiprocessing
 import os
+import re
+import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ from daert.clients import EmbeddingClient, GenerationClient, RetrievalClient
 from daert.gateway.keys import KeyStore
 from daert.local.child import free_port
 from daert.local.postgres import EmbeddedPostgres
+from daert.local.redis import EmbeddedRedis
 from daert.runtime.registry import SERVICES
 from daert.testing import ServerProcess
 from daert.v1 import common_pb2, embedding_pb2, generation_pb2, retrieval_pb2
@@ -456,8 +458,8 @@ def report(phase: Phase) -> None:
     for at, what in phase.events:
         print(f"    at {at:5.1f} s: {what}")
     causes: dict[str, list[Outcome]] = defaultdict(list)
-    for o in failed:
-        causes[o.cause or ""].append(o)
+    for o in failed:  # one group per cause, whatever the request id
+        causes[re.sub(r"request id [0-9a-f]+", "request id ...", o.cause or "")].append(o)
     for cause, outcomes in sorted(causes.items(), key=lambda c: -len(c[1])):
         kinds = Counter(o.kind for o in outcomes)
         first, last = min(o.at for o in outcomes), max(o.at + o.latency for o in outcomes)
@@ -484,8 +486,11 @@ def log_warnings(phase: Phase, files: list[Path]) -> None:
                 continue
             during = -1 <= at <= phase.seconds + 5
             if during and entry.get("level") in ("warning", "error", "critical"):
-                detail = str(entry.get("error") or entry.get("reason") or "")[:150]
-                key = (entry.get("service", "?"), f"{entry['level']}: {entry['msg']}", detail)
+                # The exception's last line says what went wrong; addresses would split groups.
+                exc = str(entry.get("exc") or "").strip().splitlines()
+                detail = exc[-1] if exc else str(entry.get("error") or entry.get("reason") or "")
+                msg = re.sub(r"0x[0-9a-f]+", "0x...", f"{entry['level']}: {entry['msg']}")
+                key = (entry.get("service", "?"), msg, detail[:200])
                 seen[key].append(at)
     if not seen:
         print("    no warnings or errors in the stack's logs during the phase")
@@ -568,37 +573,31 @@ async def load_corpus(embedding_target: str, retrieval_target: str) -> int:
     return chunks
 
 
-def redis_of(state: Path) -> tuple[int, list[str]]:
-    """The stack's redis-server: its pid and command line (found by its data folder)."""
-    data_dir = str((state / "redis").resolve())
+def redis_of(up_pid: int) -> tuple[int, int]:
+    """The stack's redis-server, a child of `daert up`: its pid and port (redis-server
+    rewrites its command line to "redis-server 127.0.0.1:<port>")."""
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            argv = (proc / "cmdline").read_bytes().decode().split("\0")[:-1]
+            stat = (proc / "stat").read_text()
+            title = (proc / "cmdline").read_bytes().decode().replace("\0", " ").strip()
         except OSError:
             continue
-        if argv and argv[0].endswith("redis-server") and data_dir in argv:
-            return int(proc.name), argv
-    raise RuntimeError(f"no redis-server with --dir {data_dir}")
-
-
-def answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == up_pid and stat.split("(", 1)[1].startswith("redis-server)"):
+            return int(proc.name), int(title.rsplit(":", 1)[1].split()[0])
+    raise RuntimeError(f"no redis-server child of daert up (pid {up_pid})")
 
 
 class Faults:
     """Kill and restart Redis, restart PostgreSQL, at fixed points of a phase."""
 
-    def __init__(self, state: Path, seconds: float) -> None:
+    def __init__(self, state: Path, seconds: float, up_pid: int) -> None:
         self.state = state
         self.seconds = seconds
-        self.redis: subprocess.Popen[bytes] | None = None  # the restarted one is ours to stop
+        self.up_pid = up_pid
+        self.redis: EmbeddedRedis | None = None  # the restarted one is ours to stop
 
     def __call__(self, note: Any) -> None:
         import pgserver  # the embedded PostgreSQL's wheel, with its pg_ctl
@@ -609,16 +608,14 @@ class Faults:
             time.sleep(max(0.0, begin + self.seconds * fraction + plus - time.monotonic()))
 
         at(0.2)
-        pid, argv = redis_of(self.state)
-        port = int(argv[argv.index("--port") + 1])
+        pid, port = redis_of(self.up_pid)
         os.kill(pid, signal.SIGKILL)
         note(f"Redis SIGKILLed (pid {pid}, port {port})")
         at(0.2, 5.0)
-        self.redis = subprocess.Popen(argv, stdout=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while not answers_ping(port) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        note(f"Redis restarted, same port and data folder (pid {self.redis.pid})")
+        # As `daert up` started it: the same command, port and data folder.
+        self.redis = EmbeddedRedis(self.state / "redis", port=port, persist=True)
+        self.redis.start()
+        note("Redis restarted, same port and data folder, answering PING")
         at(0.5)
         pgdata = (self.state / "pgdata").resolve()
         user = "pgserver" if os.geteuid() == 0 else None  # pgserver's user when run as root
@@ -632,9 +629,8 @@ class Faults:
         note("PostgreSQL restarted, accepting connections again")
 
     def stop(self) -> None:
-        if self.redis is not None and self.redis.poll() is None:
-            self.redis.terminate()
-            self.redis.wait(10)
+        if self.redis is not None:
+            self.redis.stop()
 
 
 def start_stack(command: list[str], env: dict[str, str], out: Path) -> subprocess.Popen[bytes]:
@@ -648,6 +644,14 @@ def start_stack(command: list[str], env: dict[str, str], out: Path) -> subproces
         )
 
 
+def copy_logs(files: list[Path], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        if path.exists():
+            shutil.copy(path, folder / path.name)
+    log(f"soak: the stack's logs copied to {folder}")
+
+
 def stop_stack(up: subprocess.Popen[bytes]) -> None:
     """SIGINT, as Ctrl-C: `daert up` drains the services, then its data services."""
     if up.poll() is None:
@@ -658,10 +662,10 @@ def stop_stack(up: subprocess.Popen[bytes]) -> None:
             log("daert up did not stop within 120 s; killing its process group")
             os.killpg(up.pid, signal.SIGKILL)
             up.wait()
-    log(f"daert up exited with {up.returncode}")
+        log(f"daert up exited with {up.returncode}")
 
 
-async def whole_stack(seconds: float) -> None:
+async def whole_stack(seconds: float, keep_logs: Path | None) -> None:
     from tests.integration.context_support import make_tokenizer
 
     with ExitStack() as stack:
@@ -674,9 +678,9 @@ async def whole_stack(seconds: float) -> None:
         daert = Path(sys.executable).with_name("daert")
         log(f"soak: {daert} up --state-dir {state} (Airflow off; output in {out})")
         up = start_stack([str(daert), "up", "--state-dir", str(state)], env, out)
+        faults = Faults(state, seconds, up.pid)
+        stack.callback(faults.stop)  # the Redis we restarted, once `up` has stopped
         stack.callback(stop_stack, up)
-        faults = Faults(state, seconds)
-        stack.callback(faults.stop)  # after `up` stopped: the Redis we restarted
         try:
             await wait_ready(url, 600, alive=lambda: up.poll() is None)
         except (RuntimeError, TimeoutError):
@@ -692,14 +696,7 @@ async def whole_stack(seconds: float) -> None:
                 if cause := await one_request(http, kind, n):
                     raise RuntimeError(f"warm-up {kind} failed: {cause}")
 
-        clean = Phase("steady", seconds)
-        log(f"soak: {SOAK_CLIENTS} clients for {seconds:g} s")
-        await soak(url, key, clean)
-        faulty = Phase("with faults", seconds)
-        log(f"soak: {SOAK_CLIENTS} clients for {seconds:g} s, killing Redis, restarting PostgreSQL")
-        await soak(url, key, faulty, faults)
         logs = [out, state / "gateway" / "gateway.log"]
-
         print(
             f"\nwhole-stack soak: `daert up` (every service, embedded PostgreSQL and Redis; "
             f"DAERT_AIRFLOW_ENABLED=false to leave the {os.cpu_count()} shared cores to the soak), "
@@ -710,12 +707,22 @@ async def whole_stack(seconds: float) -> None:
             f"  {SOAK_CLIENTS} clients through the gateway with the development key (tenant ''),"
             " each cycling chat unary, chat streamed (httpx, SSE to [DONE]), embeddings, RAG "
             f"chat over {COLLECTION!r} ({chunks} chunks; top_k 5, top_n 2); latency of "
-            "successful requests, to the end of the stream; no client-side retries"
+            "successful requests, to the end of the stream; no client-side retries",
+            flush=True,
         )
+        clean = Phase("steady", seconds)
+        log(f"soak: {SOAK_CLIENTS} clients for {seconds:g} s")
+        await soak(url, key, clean)
         report(clean)
         log_warnings(clean, logs)
+        faulty = Phase("with faults", seconds)
+        log(f"soak: {SOAK_CLIENTS} clients for {seconds:g} s, killing Redis, restarting PostgreSQL")
+        await soak(url, key, faulty, faults)
         report(faulty)
         log_warnings(faulty, logs)
+        if keep_logs is not None:
+            stop_stack(up)  # first, so the logs are complete
+            copy_logs([*logs, state / "pgdata" / "log", state / "redis" / "redis.log"], keep_logs)
 
 
 if __name__ == "__main__":
@@ -725,10 +732,11 @@ if __name__ == "__main__":
     parser.add_argument("--embed-rounds", type=int, default=6)
     parser.add_argument("--embed-requests", type=int, default=200, help="per path per round")
     parser.add_argument("--soak-seconds", type=float, default=60.0, help="per soak phase")
+    parser.add_argument("--keep-logs", type=Path, help="copy the soak stack's logs here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: stop every process
     if args.only in (None, "overhead"):
         asyncio.run(overhead(args.streams, args.embed_rounds, args.embed_requests))
     if args.only in (None, "soak"):
-        asyncio.run(whole_stack(args.soak_seconds))
+        asyncio.run(whole_stack(args.soak_seconds, args.keep_logs))
