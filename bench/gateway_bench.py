@@ -730,7 +730,7 @@ if __name__ == "__main__":
     parser.add_argument("--only", choices=["overhead", "soak"], help="run just one part")
     parser.add_argument("--streams", type=int, default=60, help="chat streams per path")
     parser.add_argument("--embed-rounds", type=int, default=6)
-    parser.add_argument("--embed-requests", type=int, default=200, help="per path per round")
+    parser.add_argument("--embed-requests", type=int, default=60, help="per path per round")
     parser.add_argument("--soak-seconds", type=float, default=60.0, help="per soak phase")
     parser.add_argument("--keep-logs", type=Path, help="copy the soak stack's logs here")
     args = parser.parse_args()
