@@ -83,13 +83,9 @@ def test_each_rule_is_reported_naming_the_task() -> None:
     assert check([t("end", "answer"), t("x", deps=("end",)), t("y", "answer", deps=("x",))])[0] == (
         "the plan needs exactly one answer task, the last; it has 2"
     )
-    assert (
-        check([t("end", "answer"), t("x", deps=("end",))])
-        == [
-            "task 'end': the answer task must be last; others depend on it",
-            "the plan needs exactly one answer task, the last; it has 1",
-        ][:1]
-    )
+    assert check([t("end", "answer"), t("x", deps=("end",))]) == [
+        "task 'end': the answer task must be last; others depend on it"
+    ]
     assert check([]) == [
         "the plan has no tasks",
         "the plan needs exactly one answer task, the last; it has 0",

@@ -18,6 +18,16 @@ def _when(epoch: float | None) -> str | None:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds") if epoch else None
 
 
+def _never_ran(planned: Mapping[str, Any], status_of: Mapping[str, str]) -> dict[str, Any]:
+    """A task whose task instance never ran: Airflow marked its wave upstream_failed, the
+    whole level before it having failed."""
+    missing = [d for d in planned["depends_on"] if status_of.get(d) != "done"]
+    if not missing:
+        return {"status": "not run"}
+    error = f"task {planned['id']!r} not run: its dependencies {missing} have no result"
+    return {"status": "blocked", "error": error}
+
+
 def build(
     objective: str,
     plan: Mapping[str, Any] | None,
@@ -27,31 +37,39 @@ def build(
 ) -> dict[str, Any]:
     """`outcomes` by planned task id: its result (status "done"), its failure record
     (status "failed" / "blocked"), or None when it never ran."""
-    usage = Usage()
+    planning_usage = Usage()
     if plan is not None:
-        usage.add(plan["usage"])
+        planning_usage.add(plan["usage"])
     elif planning_failure is not None:
-        usage.add(planning_failure["usage"])
+        planning_usage.add(planning_failure["usage"])
+    usage = Usage()
+    usage.add(planning_usage)
     rejected = approval is not None and approval.get("chosen_options") == ["Reject"]
-    tasks: list[dict[str, Any]] = []
-    for planned in plan["tasks"] if plan else ():
-        outcome = outcomes.get(planned["id"]) or {"status": "not run"}
+    status_of: dict[str, str] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    planned_by_id = {t["id"]: t for t in plan["tasks"]} if plan else {}
+    # In level order, so a dependency's status is known before its dependents'.
+    for task_id in (i for level in plan["levels"] for i in level) if plan else ():
+        planned = planned_by_id[task_id]
+        outcome = outcomes.get(task_id) or (
+            {"status": "not run"} if rejected else _never_ran(planned, status_of)
+        )
+        status_of[task_id] = outcome["status"]
         if outcome.get("usage"):
             usage.add(outcome["usage"])
-        tasks.append(
-            {
-                **planned,
-                "status": outcome["status"],
-                "output": outcome.get("output"),
-                "sources": outcome.get("sources", []),
-                "error": outcome.get("error"),
-                "usage": outcome.get("usage"),
-                "started_at": _when(outcome.get("started")),
-                "ended_at": _when(outcome.get("ended")),
-                "duration_s": outcome.get("duration_s"),
-                "details": outcome.get("details"),
-            }
-        )
+        entries[task_id] = {
+            **planned,
+            "status": outcome["status"],
+            "output": outcome.get("output"),
+            "sources": outcome.get("sources", []),
+            "error": outcome.get("error"),
+            "usage": outcome.get("usage"),
+            "started_at": _when(outcome.get("started")),
+            "ended_at": _when(outcome.get("ended")),
+            "duration_s": outcome.get("duration_s"),
+            "details": outcome.get("details"),
+        }
+    tasks = [entries[t["id"]] for t in plan["tasks"]] if plan else []
     done = [t["id"] for t in tasks if t["status"] == "done"]
     if plan is None:
         status = "planning failed"
@@ -74,6 +92,7 @@ def build(
             "attempts": (plan or planning_failure or {}).get("attempts", []),
             "seconds": (plan or {}).get("planning_s"),
             "error": (planning_failure or {}).get("error"),
+            "usage": planning_usage.to_dict(),
         },
         "approval": {
             "chosen_options": approval.get("chosen_options"),
