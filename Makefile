@@ -194,6 +194,7 @@ bench: setup ## print benchmark figures (see bench/)
 	PYTHONPATH=. $(PY) bench/context_bench.py
 	PYTHONPATH=. $(PY) bench/ingest_bench.py
 	PYTHONPATH=. $(PY) bench/gateway_bench.py
+	PYTHONPATH=. $(PY) bench/planner_bench.py
 
 clean: ## remove the venv and tool links (caches outside the clone stay)
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache
