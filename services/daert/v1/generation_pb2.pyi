@@ -416,6 +416,8 @@ class GenerateRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
     TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name from ListModels; empty selects the server's default model."""
     prompt: _builtins.str
@@ -438,6 +440,14 @@ class GenerateRequest(_message.Message):
     """Tenant the request belongs to. Scopes the (semantic) response cache, so
     entries are never shared between tenants, and selects the tenant's
     default adapter in LoRA routing. Empty is the default tenant.
+    """
+    logprobs: _builtins.bool
+    """Return the log probability of each generated token. Models whose
+    GenerationModel.supports_logprobs is false answer FAILED_PRECONDITION.
+    """
+    top_logprobs: _builtins.int
+    """How many of the most likely tokens to return at each position, 0 to
+    20; more than 0 needs logprobs.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
@@ -477,10 +487,12 @@ class GenerateRequest(_message.Message):
         tenant: _builtins.str = ...,
         tools: _abc.Iterable[Global___Tool] | None = ...,
         tool_choice: Global___ToolChoice | None = ...,
+        logprobs: _builtins.bool = ...,
+        top_logprobs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "response_format", b"response_format", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "allow_cache_nondeterministic", b"allow_cache_nondeterministic", "cache_policy", b"cache_policy", "messages", b"messages", "model", b"model", "params", b"params", "prompt", b"prompt", "response_format", b"response_format", "tenant", b"tenant", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "allow_cache_nondeterministic", b"allow_cache_nondeterministic", "cache_policy", b"cache_policy", "logprobs", b"logprobs", "messages", b"messages", "model", b"model", "params", b"params", "prompt", b"prompt", "response_format", b"response_format", "tenant", b"tenant", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -506,6 +518,8 @@ class GenerateStreamRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
     TOOL_CHOICE_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name from ListModels; empty selects the server's default model."""
     prompt: _builtins.str
@@ -528,6 +542,14 @@ class GenerateStreamRequest(_message.Message):
     """Tenant the request belongs to. Scopes the (semantic) response cache, so
     entries are never shared between tenants, and selects the tenant's
     default adapter in LoRA routing. Empty is the default tenant.
+    """
+    logprobs: _builtins.bool
+    """Return the log probability of each generated token. Models whose
+    GenerationModel.supports_logprobs is false answer FAILED_PRECONDITION.
+    """
+    top_logprobs: _builtins.int
+    """How many of the most likely tokens to return at each position, 0 to
+    20; more than 0 needs logprobs.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]:
@@ -567,10 +589,12 @@ class GenerateStreamRequest(_message.Message):
         tenant: _builtins.str = ...,
         tools: _abc.Iterable[Global___Tool] | None = ...,
         tool_choice: Global___ToolChoice | None = ...,
+        logprobs: _builtins.bool = ...,
+        top_logprobs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params", "response_format", b"response_format", "tool_choice", b"tool_choice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "allow_cache_nondeterministic", b"allow_cache_nondeterministic", "cache_policy", b"cache_policy", "messages", b"messages", "model", b"model", "params", b"params", "prompt", b"prompt", "response_format", b"response_format", "tenant", b"tenant", "tool_choice", b"tool_choice", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "allow_cache_nondeterministic", b"allow_cache_nondeterministic", "cache_policy", b"cache_policy", "logprobs", b"logprobs", "messages", b"messages", "model", b"model", "params", b"params", "prompt", b"prompt", "response_format", b"response_format", "tenant", b"tenant", "tool_choice", b"tool_choice", "tools", b"tools", "top_logprobs", b"top_logprobs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -625,6 +649,7 @@ class GenerateResponse(_message.Message):
     REPLICA_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The generated text, without any stop sequence."""
     finish_reason: Global___FinishReason.ValueType
@@ -659,6 +684,10 @@ class GenerateResponse(_message.Message):
         FINISH_REASON_TOOL_CALLS. text may be empty then.
         """
 
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprob]:
+        """One entry per generated token, in order, when the request set logprobs."""
+
     def __init__(
         self,
         *,
@@ -672,14 +701,75 @@ class GenerateResponse(_message.Message):
         replica: _builtins.str = ...,
         timings: Global___GenerationTimings | None = ...,
         tool_calls: _abc.Iterable[_common_pb2.ToolCall] | None = ...,
+        logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "backend", b"backend", "cached", b"cached", "finish_reason", b"finish_reason", "model", b"model", "replica", b"replica", "text", b"text", "timings", b"timings", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "backend", b"backend", "cached", b"cached", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "model", b"model", "replica", b"replica", "text", b"text", "timings", b"timings", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class TokenLogprob(_message.Message):
+    """The log probability of one generated token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The token's text as the server decoded it."""
+    logprob: _builtins.float
+    """Natural log of the token's probability."""
+    @_builtins.property
+    def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprob]:
+        """The most likely tokens at this position, most likely first; at most
+        the request's top_logprobs.
+        """
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        logprob: _builtins.float = ...,
+        top_logprobs: _abc.Iterable[Global___TopLogprob] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token", "top_logprobs", b"top_logprobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenLogprob: _TypeAlias = TokenLogprob  # noqa: Y015
+
+@_typing.final
+class TopLogprob(_message.Message):
+    """One of the most likely tokens at a position."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    LOGPROB_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The token's text as the server decoded it."""
+    logprob: _builtins.float
+    """Natural log of the token's probability."""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        logprob: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprob", b"logprob", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TopLogprob: _TypeAlias = TopLogprob  # noqa: Y015
 
 @_typing.final
 class GenerateStreamResponse(_message.Message):
@@ -701,6 +791,7 @@ class GenerateStreamResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
     delta: _builtins.str
     """Text produced since the previous message; may be empty on the last one."""
     finish_reason: Global___FinishReason.ValueType
@@ -746,6 +837,12 @@ class GenerateStreamResponse(_message.Message):
         arguments; the last message is FINISH_REASON_TOOL_CALLS.
         """
 
+    @_builtins.property
+    def logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenLogprob]:
+        """The log probabilities of the tokens produced since the previous
+        message, when the request set logprobs.
+        """
+
     def __init__(
         self,
         *,
@@ -760,10 +857,11 @@ class GenerateStreamResponse(_message.Message):
         timings: Global___GenerationTimings | None = ...,
         error: _builtins.str = ...,
         tool_calls: _abc.Iterable[Global___ToolCallDelta] | None = ...,
+        logprobs: _abc.Iterable[Global___TokenLogprob] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "backend", b"backend", "cached", b"cached", "delta", b"delta", "error", b"error", "finish_reason", b"finish_reason", "model", b"model", "replica", b"replica", "timings", b"timings", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "backend", b"backend", "cached", b"cached", "delta", b"delta", "error", b"error", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "model", b"model", "replica", b"replica", "timings", b"timings", "tool_calls", b"tool_calls", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -838,6 +936,7 @@ class GenerationModel(_message.Message):
     SUPPORTS_ADAPTERS_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
     SUPPORTS_TOOLS_FIELD_NUMBER: _builtins.int
+    SUPPORTS_LOGPROBS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name clients pass as GenerateRequest.model."""
     backend: Global___GenerationBackend.ValueType
@@ -862,6 +961,8 @@ class GenerationModel(_message.Message):
     """
     supports_tools: _builtins.bool
     """True when requests for this model may carry tools (function calling)."""
+    supports_logprobs: _builtins.bool
+    """True when requests for this model may ask for logprobs."""
     def __init__(
         self,
         *,
@@ -875,10 +976,11 @@ class GenerationModel(_message.Message):
         supports_adapters: _builtins.bool = ...,
         unavailable_reason: _builtins.str = ...,
         supports_tools: _builtins.bool = ...,
+        supports_logprobs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "description", b"description", "is_default", b"is_default", "name", b"name", "ready", b"ready", "supports_adapters", b"supports_adapters", "supports_structured_output", b"supports_structured_output", "supports_tools", b"supports_tools", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "description", b"description", "is_default", b"is_default", "name", b"name", "ready", b"ready", "supports_adapters", b"supports_adapters", "supports_logprobs", b"supports_logprobs", "supports_structured_output", b"supports_structured_output", "supports_tools", b"supports_tools", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
