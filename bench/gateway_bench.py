@@ -377,7 +377,13 @@ async def one_request(http: httpx.AsyncClient, kind: str, n: int) -> str | None:
         if reply.status_code != 200:
             return error_cause(reply.status_code, reply.text)
         return None if len(reply.json()["data"]) == 1 else "embeddings: no vector"
-    body: dict[str, Any] = {"model": MODEL, "messages": messages, "max_tokens": 64}
+    # temperature 0: deterministic, so the generation service's Redis cache is used.
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": 64,
+        "temperature": 0,
+    }
     if kind == "rag":
         body["rag"] = {"collection": COLLECTION, "top_k": 5, "top_n": 2}
     if kind != "stream":
@@ -705,7 +711,8 @@ async def whole_stack(seconds: float, keep_logs: Path | None) -> None:
         )
         print(
             f"  {SOAK_CLIENTS} clients through the gateway with the development key (tenant ''),"
-            " each cycling chat unary, chat streamed (httpx, SSE to [DONE]), embeddings, RAG "
+            " each cycling chat unary, chat streamed (httpx, SSE to [DONE]; chats at temperature"
+            " 0 with distinct prompts: each a cache miss and store in Redis), embeddings, RAG "
             f"chat over {COLLECTION!r} ({chunks} chunks; top_k 5, top_n 2); latency of "
             "successful requests, to the end of the stream; no client-side retries",
             flush=True,
