@@ -6,7 +6,7 @@ UNAVAILABLE through the gRPC service config, and request-id propagation.
         reply = await client.stub.ListModels(EmbeddingServiceListModelsRequest())
 """
 
-from daert.clients.base import ServiceClient, field_violations
+from daert.clients.base import ServiceClient, field_violations, precondition_subjects
 from daert.clients.embedding import EmbeddingClient
 from daert.clients.services import (
     ContextClient,
@@ -27,4 +27,5 @@ __all__ = [
     "SandboxClient",
     "ServiceClient",
     "field_violations",
+    "precondition_subjects",
 ]

@@ -75,6 +75,18 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
     return violations
 
 
+def precondition_subjects(error: grpc.aio.AioRpcError) -> list[str]:
+    """For FAILED_PRECONDITION: the subjects (request fields) of the status's
+    PreconditionFailure violations, in order."""
+    status = rpc_status.from_call(error)
+    subjects: list[str] = []
+    for detail in status.details if status else ():
+        failure = error_details_pb2.PreconditionFailure()
+        if detail.Unpack(failure):
+            subjects += [v.subject for v in failure.violations if v.subject]
+    return subjects
+
+
 class ServiceClient:
     """Base of the typed clients: `client.stub` is the generated, fully typed async stub
     (``await client.stub.Embed(request)``) on a channel that adds deadlines, request ids

@@ -12,7 +12,7 @@ import grpc
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from daert.clients import field_violations
+from daert.clients import field_violations, precondition_subjects
 
 # gRPC code -> (HTTP status, OpenAI error type, OpenAI error code).
 _GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
@@ -89,6 +89,11 @@ def from_grpc(error: grpc.aio.AioRpcError, renames: dict[str, str] | None = None
         violations = field_violations(error)
         if violations:
             param = param_for_field(next(iter(violations)), renames)
+    elif error.code() == grpc.StatusCode.FAILED_PRECONDITION:
+        # What the backend cannot do, named by the request field asking for it (logprobs).
+        subjects = precondition_subjects(error)
+        if subjects:
+            param = param_for_field(subjects[0], renames)
     return ApiError(status, message, kind, param, code)
 
 

@@ -2,12 +2,14 @@
 
 An entry is keyed by a hash of everything that changes the answer: backend kind, model,
 requested adapter, tenant, the messages or prompt, every sampling parameter and the
-response format, and the tools and tool choice when there are any. It keeps the text (as
-the deltas it was generated in), the whole tool calls, finish reason, usage and where it
-ran; a streaming call gets it replayed as a stream with the same first and last messages,
-its text usually in one delta (deltas that are all ready at once go out merged, see
-`relay.merge_backlog`), each tool call in one delta. Only finished answers
-(stop, length, stop sequence, tool calls) are stored, never a cut-off or failed one.
+response format, the tools and tool choice when there are any, and whether (and how many
+alternatives) log probabilities were asked for. It keeps the text (as the deltas it was
+generated in) with each delta's log probabilities when asked for, the whole tool calls,
+finish reason, usage and where it ran; a streaming call gets it replayed as a stream with
+the same first and last messages, its text usually in one delta (deltas that are all ready
+at once go out merged, see `relay.merge_backlog`), each tool call in one delta. Only
+finished answers (stop, length, stop sequence, tool calls) are stored, never a cut-off or
+failed one.
 
 The semantic index answers a request whose last user message is close enough (embedding
 cosine) to one answered before, when everything else is identical: its scope hashes all
@@ -68,6 +70,9 @@ class CachedAnswer:
     replica: str
     # [id, name, arguments] per call; entries stored before tool calling have none.
     tool_calls: list[list[str]] = field(default_factory=list)
+    # Per delta, [token, logprob, [[token, logprob], ...]] per token; only for requests that
+    # asked for log probabilities (the key says so), empty otherwise.
+    logprobs: list[list[list[Any]]] = field(default_factory=list)
 
     def dumps(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()

@@ -55,6 +55,13 @@ class ModelConfig(BaseModel):
         "whose chat template has no tools (or vLLM without --enable-auto-tool-choice) does "
         "not; false answers FAILED_PRECONDITION to requests with tools.",
     )
+    supports_logprobs: bool = Field(
+        True,
+        description="Whether the server returns token log probabilities: vLLM, llama.cpp, "
+        "TGI and OpenAI do (vLLM up to its --max-logprobs alternatives), Ollama's API as "
+        "the generation service speaks it does not, whatever this says; false answers "
+        "FAILED_PRECONDITION naming logprobs.",
+    )
     adapters: AdapterMode = Field(
         "none",
         description="LoRA adapters: none (adapter_id rejected), direct (adapter_id sent as-is "

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 from prometheus_client import Counter
 
-from daert.generation.request import Delta, Finished, StreamEvent
+from daert.generation.request import Delta, Finished, StreamEvent, merge_deltas
 from daert.runtime.errors import ServiceError
 from daert.runtime.rpc_context import remaining_s
 from daert.v1 import generation_pb2
@@ -132,10 +132,10 @@ async def merge_backlog(
                 continue
             event = backlog.popleft()
             if isinstance(event, Delta):
-                texts = [event.text]
+                merged = [event]
                 while backlog and isinstance(backlog[0], Delta):
-                    texts.append(backlog.popleft().text)  # type: ignore[attr-defined]
-                yield Delta("".join(texts)) if len(texts) > 1 else event
+                    merged.append(backlog.popleft())  # type: ignore[arg-type]
+                yield merge_deltas(merged) if len(merged) > 1 else event
             else:
                 yield event
     finally:

@@ -36,6 +36,8 @@ _TOOL_CHOICES: dict[int, ToolChoiceKind] = {
 # OpenAI's rule for function names; the other servers take what OpenAI takes.
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 MAX_TOOLS = 128
+# OpenAI's limit on top_logprobs; vLLM's default --max-logprobs is the same.
+MAX_TOP_LOGPROBS = 20
 _OUTPUT_KINDS: dict[int, OutputKind] = {
     generation_pb2.RESPONSE_FORMAT_TYPE_UNSPECIFIED: "text",
     generation_pb2.RESPONSE_FORMAT_TYPE_TEXT: "text",
@@ -121,6 +123,8 @@ class GenerationInput:
     output: OutputFormat = field(default_factory=OutputFormat)
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per position; only with logprobs
 
     @property
     def uses_tools(self) -> bool:
@@ -140,6 +144,8 @@ class GenerationInput:
         if self.tools:  # absent without tools: earlier cache keys stay valid
             canonical["tools"] = [tool.__dict__ for tool in self.tools]
             canonical["tool_choice"] = self.tool_choice.__dict__
+        if self.logprobs:  # absent without them, as tools: earlier cache keys stay valid
+            canonical["logprobs"] = self.top_logprobs
         return canonical
 
     def last_user_message(self) -> str:
@@ -180,6 +186,16 @@ def parse_input(request: Request, max_chars: int) -> GenerationInput:
         "tools need messages: a raw prompt has no chat template to present them",
     )
     tools = _parse_tools(request.tools)
+    require(
+        0 <= request.top_logprobs <= MAX_TOP_LOGPROBS,
+        "top_logprobs",
+        f"must be between 0 and {MAX_TOP_LOGPROBS}",
+    )
+    require(
+        request.logprobs or request.top_logprobs == 0,
+        "top_logprobs",
+        "needs logprobs set",
+    )
     return GenerationInput(
         messages=messages,
         prompt=request.prompt if has_prompt else None,
@@ -187,6 +203,8 @@ def parse_input(request: Request, max_chars: int) -> GenerationInput:
         output=_parse_output(request.response_format),
         tools=tools,
         tool_choice=_parse_tool_choice(request.tool_choice, tools),
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs,
     )
 
 
@@ -343,10 +361,23 @@ def _parse_output(response_format: generation_pb2.ResponseFormat) -> OutputForma
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log probability, and the most likely tokens at its position
+    (token, logprob), most likely first."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Delta:
-    """Text produced since the previous event."""
+    """Text produced since the previous event, and the log probabilities of its tokens when
+    the request asked for them (a delta may carry them with no text: tokens whose text is
+    held back while it may still become a stop sequence)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -370,6 +401,11 @@ class Finished:
 
 
 StreamEvent = Delta | ToolCallDelta | Finished
+
+
+def merge_deltas(deltas: Sequence[Delta]) -> Delta:
+    """Consecutive deltas as one: their texts and their tokens' log probabilities, in order."""
+    return Delta("".join(d.text for d in deltas), tuple(lp for d in deltas for lp in d.logprobs))
 
 
 def assemble_tool_calls(deltas: Sequence[ToolCallDelta]) -> tuple[ToolCall, ...]:

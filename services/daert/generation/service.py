@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
@@ -29,6 +30,7 @@ from daert.generation.request import (
     GenerationInput,
     Request,
     StreamEvent,
+    TokenLogprob,
     ToolCall,
     ToolCallDelta,
     assemble_tool_calls,
@@ -157,6 +159,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         plan = self._plan(request)
         events, cached = await self._events(plan, streaming=False)
         text: list[str] = []
+        logprobs: list[TokenLogprob] = []
         calls: list[ToolCallDelta] = []
         started: Started | None = None
         finished: Finished | None = None
@@ -169,6 +172,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     first_token = first_token or time.perf_counter()
                     if isinstance(event, Delta):
                         text.append(event.text)
+                        logprobs += event.logprobs
                     else:
                         calls.append(event)
                 else:
@@ -176,6 +180,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         assert started is not None and finished is not None
         return generation_pb2.GenerateResponse(
             text="".join(text),
+            logprobs=_logprobs(logprobs),
             tool_calls=[_tool_call(c) for c in assemble_tool_calls(calls)],
             finish_reason=finished.reason,
             usage=_usage(finished),
@@ -205,7 +210,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 assert started is not None
                 if isinstance(event, Delta | ToolCallDelta):
                     message = (
-                        generation_pb2.GenerateStreamResponse(delta=event.text)
+                        generation_pb2.GenerateStreamResponse(
+                            delta=event.text, logprobs=_logprobs(event.logprobs)
+                        )
                         if isinstance(event, Delta)
                         else generation_pb2.GenerateStreamResponse(
                             tool_calls=[_tool_call_delta(event)]
@@ -243,6 +250,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 supports_adapters=model.config.adapters != "none",
                 unavailable_reason=model.unavailable_reason,
                 supports_tools=model.config.supports_tools,
+                supports_logprobs=_supports_logprobs(model),
             )
             for name, model in self._models.items()
         ]
@@ -261,6 +269,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             raise FailedPrecondition(
                 f"model {model.config.name!r} does not support tools (function calling)"
             )
+        if generation_input.logprobs and not _supports_logprobs(model):
+            who = (
+                model.backend.label
+                if not model.backend.returns_logprobs
+                else f"model {model.config.name!r}"
+            )
+            raise FailedPrecondition(f"{who} does not return log probabilities", "logprobs")
         reason = model.backend.unsupported(generation_input)
         if reason:
             raise FailedPrecondition(reason)
@@ -309,13 +324,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         )
         try:
             yield Started(config.name, target.adapter_id, target.backend.kind, target.replica)
-            deltas: list[str] = []
+            deltas: list[Delta] = []
             calls: list[ToolCallDelta] = []
             finished: Finished | None = None
             async with aclosing(self._upstream(target, streaming)) as events:
                 async for event in events:
                     if isinstance(event, Delta):
-                        deltas.append(event.text)
+                        deltas.append(event)
                     elif isinstance(event, ToolCallDelta):
                         calls.append(event)
                     else:
@@ -323,7 +338,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     yield event
             if plan.key is not None and self._cache is not None and finished is not None:
                 answer = CachedAnswer(
-                    deltas=deltas,
+                    deltas=[d.text for d in deltas],
                     finish_reason=finished.reason,
                     prompt_tokens=finished.prompt_tokens,
                     completion_tokens=finished.completion_tokens,
@@ -332,6 +347,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                     backend=target.backend.kind,
                     replica=target.replica,
                     tool_calls=[[c.id, c.name, c.arguments] for c in assemble_tool_calls(calls)],
+                    logprobs=(
+                        [[_stored(lp) for lp in d.logprobs] for d in deltas]
+                        if plan.input.logprobs
+                        else []
+                    ),
                 )
                 # Stored even if every caller left meanwhile: the work is done.
                 await asyncio.shield(self._cache.store(plan.key, answer))
@@ -353,8 +373,8 @@ async def _unary(
     completion: Completion = await complete_with_retries(
         retry, backend.label, lambda: backend.complete(target.call)
     )
-    if completion.text:
-        yield Delta(completion.text)
+    if completion.text or completion.logprobs:
+        yield Delta(completion.text, completion.logprobs)
     for call in whole_calls(completion.tool_calls):
         yield call
     yield completion.finished
@@ -363,8 +383,10 @@ async def _unary(
 async def _replay(answer: CachedAnswer) -> AsyncGenerator[Event, None]:
     backend = generation_pb2.GenerationBackend.ValueType(answer.backend)
     yield Started(answer.model, answer.adapter_id, backend, answer.replica)
-    for delta in answer.deltas:
-        yield Delta(delta)
+    # Entries stored without log probabilities have none; requests for them have their own.
+    logprobs = answer.logprobs or [[] for _ in answer.deltas]
+    for delta, stored in zip(answer.deltas, logprobs, strict=True):
+        yield Delta(delta, tuple(_replayed(lp) for lp in stored))
     for call in whole_calls([ToolCall(*fields) for fields in answer.tool_calls]):
         yield call
     yield Finished(
@@ -372,6 +394,32 @@ async def _replay(answer: CachedAnswer) -> AsyncGenerator[Event, None]:
         prompt_tokens=answer.prompt_tokens,
         completion_tokens=answer.completion_tokens,
     )
+
+
+def _supports_logprobs(model: ServedModel) -> bool:
+    return model.backend.returns_logprobs and model.config.supports_logprobs
+
+
+def _logprobs(logprobs: Sequence[TokenLogprob]) -> list[generation_pb2.TokenLogprob]:
+    return [
+        generation_pb2.TokenLogprob(
+            token=lp.token,
+            logprob=lp.logprob,
+            top_logprobs=[
+                generation_pb2.TopLogprob(token=token, logprob=value) for token, value in lp.top
+            ],
+        )
+        for lp in logprobs
+    ]
+
+
+def _stored(logprob: TokenLogprob) -> list[Any]:
+    return [logprob.token, logprob.logprob, [list(top) for top in logprob.top]]
+
+
+def _replayed(stored: list[Any]) -> TokenLogprob:
+    token, logprob, top = stored
+    return TokenLogprob(token, logprob, tuple((t, v) for t, v in top))
 
 
 def _tool_call(call: ToolCall) -> common_pb2.ToolCall:

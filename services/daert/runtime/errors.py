@@ -60,7 +60,29 @@ class AlreadyExists(ServiceError):
 
 
 class FailedPrecondition(ServiceError):
+    """The request is valid but cannot be served as asked; `field`, when set, names the
+    request field that asks for what is missing (``logprobs``), as a PreconditionFailure
+    violation whose subject it is."""
+
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+
+    def status_details(self) -> status_pb2.Status | None:
+        if not self.field:
+            return None
+        failure = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type="UNSUPPORTED", subject=self.field, description=self.message
+                )
+            ]
+        )
+        status = status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=self.message)
+        status.details.add().Pack(failure)
+        return status
 
 
 class PermissionDenied(ServiceError):

@@ -6,7 +6,13 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
-from daert.generation.request import Finished, GenerationInput, StreamEvent, ToolCall
+from daert.generation.request import (
+    Finished,
+    GenerationInput,
+    StreamEvent,
+    TokenLogprob,
+    ToolCall,
+)
 from daert.v1 import generation_pb2
 
 
@@ -25,12 +31,14 @@ class Completion:
     text: str
     finished: Finished
     tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class GenerationBackend(Protocol):
     kind: generation_pb2.GenerationBackend.ValueType
     label: str  # "TGI": names the server kind in error messages
     url: str
+    returns_logprobs: bool  # whether the server's wire format has token log probabilities
 
     def unsupported(self, request: GenerationInput) -> str | None:
         """Why this server cannot serve `request` (its input or output format); None when

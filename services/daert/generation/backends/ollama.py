@@ -57,6 +57,9 @@ def _canonical(tag: str) -> str:
 class OllamaBackend:
     kind = generation_pb2.GENERATION_BACKEND_OLLAMA
     label = LABEL
+    # Ollama returns `logprobs` only since 0.12.11; the releases this backend is written
+    # and tested against (0.12.6) have none, so requests for them are refused up front.
+    returns_logprobs = False
 
     def __init__(self, config: ModelConfig) -> None:
         self.url = config.url.rstrip("/")

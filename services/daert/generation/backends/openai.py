@@ -22,6 +22,13 @@ its ids are "" (replaced by ids derived from the request), older releases sent t
 arguments as an object and `tool_calls` as one object, and it ends a call with
 `eos_token`'s "stop"; calls that end normally are reported FINISH_REASON_TOOL_CALLS.
 
+Log probabilities: chat asks with `logprobs: true` and `top_logprobs: N` and gets
+`choices[].logprobs.content[]` (`{"token", "logprob", "bytes", "top_logprobs"}`), streamed
+per chunk for that chunk's tokens; /v1/completions asks with `logprobs: N` (the number of
+alternatives; 0 is the sampled token's only) and gets `{"tokens", "token_logprobs",
+"top_logprobs": [{token: logprob}], "text_offset"}`, streamed the same way. A token whose
+text is held back (a stop sequence may be starting) keeps its entry in the next event.
+
 Sampling fields beyond OpenAI's (top_k, repetition_penalty, also as llama.cpp's
 repeat_penalty) and vLLM's regex constraint (`structured_outputs.regex`) are sent only when
 the caller sets them: OpenAI answers 400 to them, which reaches the caller as
@@ -42,6 +49,7 @@ from daert.generation.backends.wire import (
     error_text,
     json_answer,
     json_object,
+    openai_logprobs,
     openai_tool_choice,
     openai_tools,
     sse_events,
@@ -78,6 +86,7 @@ _FINISH = {
 
 class OpenAIBackend:
     kind = generation_pb2.GENERATION_BACKEND_OPENAI
+    returns_logprobs = True
 
     def __init__(self, config: ModelConfig, url: str | None = None, label: str = LABEL) -> None:
         self.label = label  # TGI's backend sends tool requests through this one
@@ -109,7 +118,10 @@ class OpenAIBackend:
         calls = tool_calls(message.get("tool_calls"), call.input)
         finished = _finished(choice, answer.get("usage"), call.input, called=bool(calls))
         return Completion(
-            StopSequences(call.input.sampling.stop).cut(text, finished.reason), finished, calls
+            StopSequences(call.input.sampling.stop).cut(text, finished.reason),
+            finished,
+            calls,
+            openai_logprobs(choice.get("logprobs"), call.input),
         )
 
     async def stream(self, call: UpstreamCall) -> AsyncGenerator[StreamEvent, None]:
@@ -140,8 +152,10 @@ class OpenAIBackend:
                     text = choice.get("text")
                     if text is None:
                         text = delta.get("content")
-                    if text := stop.feed(text or ""):
-                        yield Delta(text)
+                    text = stop.feed(text or "")
+                    logprobs = openai_logprobs(choice.get("logprobs"), call.input)
+                    if text or logprobs:
+                        yield Delta(text, logprobs)
                     for piece in calls.feed(delta.get("tool_calls")):
                         yield piece
                     if choice.get("finish_reason"):
@@ -171,6 +185,12 @@ def _request(call: UpstreamCall, *, stream: bool) -> tuple[str, dict[str, Any]]:
             body["tool_choice"] = openai_tool_choice(request.tool_choice)
     if stream:
         body["stream_options"] = {"include_usage": True}
+    if request.logprobs:
+        # Completions take the number of alternatives in `logprobs` itself.
+        if request.prompt is not None:
+            body["logprobs"] = request.top_logprobs
+        else:
+            body |= {"logprobs": True, "top_logprobs": request.top_logprobs}
     body.update(_sampling(request))
     body.update(_output(request.output, chat=request.prompt is None))
     return path, body

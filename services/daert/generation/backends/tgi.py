@@ -15,6 +15,13 @@ sequence that ended generation in its text; the contract does not, so it is cut 
 held back while streaming, until it is known whether it completes a stop sequence).
 Greedy decoding (temperature 0) is `do_sample: false`, since TGI wants temperature > 0.
 
+Log probabilities come with `details: true`, which every request sets: each token's
+`logprob` in `details.tokens` (unary) or the stream's `token`; `top_n_tokens: N` adds the
+N most likely at each position (`details.top_tokens`, one list per token, or the event's
+`top_tokens`). Special tokens (the end-of-sequence token) have no entry, as their text is
+not part of the answer. The tokens of a stop sequence TGI leaves in its text keep their
+entries, though the text is cut.
+
 Tools exist only on TGI's messages API: a request with tools, or a conversation holding
 tool calls or results, goes to the same server's `/v1/chat/completions` instead (OpenAI's
 wire format, read by the OpenAI backend, with TGI's chat template; see that module for
@@ -38,9 +45,10 @@ from daert.generation.backends.wire import (
     json_object,
     sse_events,
     tgi_error,
+    tgi_logprob,
 )
 from daert.generation.config import ModelConfig
-from daert.generation.request import Delta, Finished, GenerationInput, StreamEvent
+from daert.generation.request import Delta, Finished, GenerationInput, StreamEvent, TokenLogprob
 from daert.runtime.errors import FailedPrecondition, Unavailable
 from daert.runtime.upstream import http_client, open_stream, send
 from daert.v1 import generation_pb2
@@ -57,6 +65,7 @@ _FINISH = {
 class TgiBackend:
     kind = generation_pb2.GENERATION_BACKEND_TGI
     label = LABEL
+    returns_logprobs = True
 
     def __init__(self, config: ModelConfig, url: str | None = None) -> None:
         self.url = (url or config.url).rstrip("/")
@@ -96,7 +105,16 @@ class TgiBackend:
         stop = StopSequences(call.input.sampling.stop)
         finished = _finished(details, response.headers.get("x-prompt-tokens"))
         text = stop.cut(str(answer.get("generated_text") or ""), finished.reason)
-        return Completion(text, finished)
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if call.input.logprobs:
+            tokens = details.get("tokens") or []
+            tops = details.get("top_tokens") or [None] * len(tokens)
+            logprobs = tuple(
+                tgi_logprob(token, top, call.input)
+                for token, top in zip(tokens, tops, strict=False)
+                if not token.get("special")
+            )
+        return Completion(text, finished, logprobs=logprobs)
 
     async def stream(self, call: UpstreamCall) -> AsyncGenerator[StreamEvent, None]:
         if call.input.uses_tools:
@@ -117,8 +135,13 @@ class TgiBackend:
                 token = chunk.get("token") or {}
                 if not token.get("special"):
                     text = stop.feed(str(token.get("text") or ""))
-                    if text:
-                        yield Delta(text)
+                    logprobs = (
+                        (tgi_logprob(token, chunk.get("top_tokens"), call.input),)
+                        if call.input.logprobs
+                        else ()
+                    )
+                    if text or logprobs:
+                        yield Delta(text, logprobs)
                 if chunk.get("details") is not None:
                     finished = _finished(chunk["details"], None)
                     if rest := stop.finish(finished.reason):
@@ -148,6 +171,8 @@ class TgiBackend:
             inputs = request.prompt
         s = request.sampling
         parameters: dict[str, Any] = {"details": True, "return_full_text": False}
+        if request.logprobs and request.top_logprobs:
+            parameters["top_n_tokens"] = request.top_logprobs
         if s.temperature is not None and s.temperature > 0:
             parameters |= {"do_sample": True, "temperature": s.temperature}
         elif s.temperature == 0:

@@ -1,6 +1,7 @@
 """Reading what inference servers send: answers and events that are JSON objects, SSE
 streams, and the error events servers send inside a stream that has already answered 200;
-and tool calls, which every server spells in OpenAI's words with its own liberties."""
+tool calls, which every server spells in OpenAI's words with its own liberties; and token
+log probabilities in OpenAI's two shapes and TGI's."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from typing import Any
 
 import httpx
 
-from daert.generation.request import GenerationInput, Tool, ToolCall, ToolCallDelta, ToolChoice
+from daert.generation.request import (
+    GenerationInput,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
 from daert.runtime.errors import InvalidArgument, ResourceExhausted, ServiceError, Unavailable
 from daert.runtime.upstream import error_for_code, json_body
 from daert.v1 import generation_pb2
@@ -275,3 +283,51 @@ def tool_finish(
     if called and reason in _NORMAL_ENDS:
         return generation_pb2.FINISH_REASON_TOOL_CALLS
     return reason
+
+
+# --- log probabilities ---------------------------------------------------------------------
+
+# What vLLM sends for a probability of 0 (JSON has no -Infinity); used for a value missing.
+_NO_LOGPROB = -9999.0
+
+
+def _logprob(token: Any, value: Any, top: list[tuple[Any, Any]], top_n: int) -> TokenLogprob:
+    alternatives = sorted(((str(t), _value(v)) for t, v in top), key=lambda a: -a[1])
+    # vLLM adds the sampled token to the alternatives when it is not among the top N.
+    return TokenLogprob(str(token), _value(value), tuple(alternatives[:top_n]))
+
+
+def _value(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else _NO_LOGPROB
+
+
+def openai_logprobs(raw: Any, request: GenerationInput) -> tuple[TokenLogprob, ...]:
+    """A choice's (or a streamed chunk's) `logprobs`, in chat's shape `{"content": [{"token",
+    "logprob", "top_logprobs": [{"token", "logprob"}]}]}` or completions' `{"tokens",
+    "token_logprobs", "top_logprobs": [{token: logprob}]}`; none unless the request asked."""
+    if not request.logprobs or not isinstance(raw, dict):
+        return ()
+    n = request.top_logprobs
+    if "content" in raw:
+        return tuple(
+            _logprob(
+                entry.get("token"),
+                entry.get("logprob"),
+                [(t.get("token"), t.get("logprob")) for t in entry.get("top_logprobs") or ()],
+                n,
+            )
+            for entry in raw.get("content") or ()
+        )
+    tops = raw.get("top_logprobs") or []
+    return tuple(
+        _logprob(token, value, list((tops[i] or {}).items()) if i < len(tops) else [], n)
+        for i, (token, value) in enumerate(
+            zip(raw.get("tokens") or (), raw.get("token_logprobs") or (), strict=False)
+        )
+    )
+
+
+def tgi_logprob(token: dict[str, Any], top: Any, request: GenerationInput) -> TokenLogprob:
+    """A TGI `Token {id, text, logprob, special}` with its position's `top_tokens`."""
+    alternatives = [(t.get("text"), t.get("logprob")) for t in top or ()]
+    return _logprob(token.get("text"), token.get("logprob"), alternatives, request.top_logprobs)
