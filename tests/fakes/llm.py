@@ -16,7 +16,8 @@ The fakes do not sample: a reply is a fixed list of token strings.
 * A "token" of the prompt is a whitespace-separated word: ``prompt_tokens`` is
   ``len(prompt.split())`` (for chat: the message contents joined by a space).
 * Token ids and logprobs are deterministic functions of the token text
-  (:func:`token_id`, :func:`token_logprob`).
+  (:func:`token_id`, :func:`token_logprob`); the most likely tokens at a position
+  (:func:`alternatives`) are the token itself, then invented ones, each less likely.
 
 How generation stops differs per server, so :meth:`FakeLLMServer.generate` takes the two
 knobs that differ and each fake documents (and exposes) its own choice:
@@ -115,6 +116,14 @@ class Token:
 
 
 EOS = Token(EOS_TOKEN_ID, EOS_TEXT, -0.125, special=True)
+
+
+def alternatives(token: Token, n: int) -> list[Token]:
+    """The ``n`` most likely tokens where ``token`` was generated, most likely first: the
+    token itself (the fake model is greedy), then its text with 1, 2, ... ``~`` appended,
+    each 1 nat less likely (still exact in float32)."""
+    texts = [token.text + "~" * k for k in range(1, n)]
+    return [token, *(Token(token_id(t), t, token.logprob - k) for k, t in enumerate(texts, 1))][:n]
 
 
 @dataclass(frozen=True)

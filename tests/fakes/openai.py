@@ -181,8 +181,18 @@ Tool calls (``tool_calls`` scripted, see :mod:`.llm`; vLLM and TGI flavours only
   function not among the tools -> 422 ``{"error": "Tool error: Tool {name} not found",
   "error_type": "tool_error"}`` (approximated).
 
+Log probabilities (vLLM flavour; ``protocol.py`` ``ChatCompletionLogProbs`` and
+``CompletionLogProbs``, the values the fake model's, see :mod:`.llm`): chat with ``logprobs:
+true`` answers ``choices[].logprobs = {"content": [{"token", "logprob", "bytes",
+"top_logprobs": [{"token", "logprob", "bytes"}]}]}`` with ``top_logprobs`` alternatives per
+token (the bytes the token's UTF-8), streamed as each token's chunk's ``logprobs``;
+completions with ``logprobs: N`` answer ``{"text_offset", "token_logprobs", "tokens",
+"top_logprobs": [{token: logprob}]}`` (N alternatives), per chunk too. The EOS token has no
+entry (the fake's simplification), chunks without a token (the role chunk) ``null``.
+
 Simplifications: prompts are not chat-templated (prompt = message contents joined by a
-space, and no BOS token is counted); ``logprobs``, tools in the llama.cpp flavour, ``echo``,
+space, and no BOS token is counted); ``logprobs`` in the TGI and llama.cpp flavours, tools in
+the llama.cpp flavour, ``echo``,
 beam search, token-id prompts and ``continuous_usage_stats`` are not modelled; vLLM's
 body/type errors are 400 ``BadRequestError`` with a short message instead of pydantic's
 text; llama.cpp's prompt cache is not modelled (``cached_tokens`` 0), its ``timings`` are
@@ -205,7 +215,7 @@ from typing import Any, ClassVar, Literal, NoReturn, TypeGuard
 
 from aiohttp import web
 
-from .llm import FakeLLMServer, Generation, ScriptedCall, _Abort, compact_json
+from .llm import FakeLLMServer, Generation, ScriptedCall, Token, _Abort, alternatives, compact_json
 from .tgi import TGI_ERRORS, tgi_error_text
 
 _JSON = {"Content-Type": "application/json"}
@@ -570,8 +580,10 @@ class FakeOpenAI(FakeLLMServer):
         if stream:
             opts = req.get("stream_options")
             include_usage = isinstance(opts, dict) and opts.get("include_usage", True) is not False
-            return await self._stream(request, rid, served, gens, stop_list, chat, include_usage)
-        return await self._unary(request, rid, served, gens, chat)
+            return await self._stream(
+                request, req, rid, served, gens, stop_list, chat, include_usage
+            )
+        return await self._unary(request, req, rid, served, gens, chat)
 
     def _tool_calls_for(self, req: dict[str, Any]) -> list[ScriptedCall]:
         """vLLM's check_tool_usage (TGI's tool errors in that flavour), then the calls."""
@@ -810,7 +822,13 @@ class FakeOpenAI(FakeLLMServer):
                 await self._pace(i)
 
     async def _unary(
-        self, request: web.Request, rid: str, model: str, gens: list[Generation], chat: bool
+        self,
+        request: web.Request,
+        request_body: dict[str, Any],
+        rid: str,
+        model: str,
+        gens: list[Generation],
+        chat: bool,
     ) -> web.StreamResponse:
         await self._run_unary(request, gens)
         created = int(time.time())
@@ -834,7 +852,7 @@ class FakeOpenAI(FakeLLMServer):
                     {
                         "index": i,
                         "message": message,
-                        "logprobs": None,
+                        "logprobs": _logprobs(request_body, True, gen.tokens),
                         "finish_reason": finish,
                         "stop_reason": gen.stop_sequence,
                     }
@@ -844,7 +862,7 @@ class FakeOpenAI(FakeLLMServer):
                     {
                         "index": i,
                         "text": gen.text,
-                        "logprobs": None,
+                        "logprobs": _logprobs(request_body, False, gen.tokens),
                         "finish_reason": finish,
                         "stop_reason": gen.stop_sequence,
                         "prompt_logprobs": None,
@@ -869,6 +887,7 @@ class FakeOpenAI(FakeLLMServer):
     async def _stream(
         self,
         request: web.Request,
+        request_body: dict[str, Any],
         rid: str,
         model: str,
         gens: list[Generation],
@@ -936,6 +955,10 @@ class FakeOpenAI(FakeLLMServer):
                     continue
                 payload: Any = {"content": delta} if chat else delta
                 choice = _stream_choice(i, payload, finish, gen.stop_sequence, chat, final=last)
+                offset = sum(len(t.text) for t in gen.tokens[:step])
+                choice["logprobs"] = _logprobs(
+                    request_body, chat, gen.tokens[step : step + 1], offset
+                )
                 out += chunk([choice]) if chat else chunk([choice], usage=None)
             if not await self._write(request, resp, out):
                 return resp
@@ -1387,4 +1410,36 @@ def _stream_choice(
         "logprobs": None,
         "finish_reason": finish,
         "stop_reason": stop if final else None,
+    }
+
+
+def _logprobs(
+    req: dict[str, Any], chat: bool, tokens: Sequence[Token], offset: int = 0
+) -> dict[str, Any] | None:
+    """vLLM's ``logprobs`` of a choice or chunk for ``tokens`` (the EOS token has none):
+    chat's ``content`` when ``logprobs`` is true, completions' arrays when it is a number
+    (starting at ``offset`` characters into the text); None when not asked for."""
+    shown = [t for t in tokens if not t.special]
+    if chat:
+        if req.get("logprobs") is not True:
+            return None
+        n = int(req.get("top_logprobs") or 0)
+
+        def entry(t: Token) -> dict[str, Any]:
+            return {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
+
+        return {
+            "content": [
+                {**entry(t), "top_logprobs": [entry(a) for a in alternatives(t, n)]} for t in shown
+            ]
+        }
+    n = req.get("logprobs")
+    if not _is_int(n):
+        return None
+    offsets = [offset + sum(len(t.text) for t in shown[:i]) for i in range(len(shown))]
+    return {
+        "text_offset": offsets,
+        "token_logprobs": [t.logprob for t in shown],
+        "tokens": [t.text for t in shown],
+        "top_logprobs": [{a.text: a.logprob for a in alternatives(t, n)} for t in shown],
     }

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from . import CANNED_REPLY, FakeOllama, FakeOpenAI, FakeTGI
+from .llm import token_logprob
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
 PROMPT = "be brief hi there"  # the chat prompt as the fakes see it: contents joined by a space
@@ -923,3 +924,52 @@ def test_ollama_tool_calls(ollama: FakeOllama) -> None:
             "arguments": "{}"}}]}  # fmt: skip
     refused = httpx.post(f"{ollama.url}/api/chat", json=body | {"messages": [turn]})
     assert refused.status_code == 400 and "api.ToolCallFunctionArguments" in refused.text
+
+
+# -------------------------------------------------------------------- log probabilities
+
+
+def test_vllm_logprobs_chat_and_completions(vllm: FakeOpenAI) -> None:
+    first = CANNED_REPLY[0]
+    lp = token_logprob(first)
+    assert chat(vllm).json()["choices"][0]["logprobs"] is None  # not asked for
+    content = chat(vllm, logprobs=True, top_logprobs=2).json()["choices"][0]["logprobs"]["content"]
+    assert [e["token"] for e in content] == list(CANNED_REPLY)  # the EOS token has none
+    assert content[0] == {
+        "token": first,
+        "logprob": lp,
+        "bytes": list(first.encode()),
+        "top_logprobs": [
+            {"token": first, "logprob": lp, "bytes": list(first.encode())},
+            {"token": first + "~", "logprob": lp - 1, "bytes": list((first + "~").encode())},
+        ],
+    }
+    _, text = read_stream(
+        f"{vllm.url}/v1/chat/completions",
+        {"model": "base-model", "messages": MESSAGES, "stream": True, "logprobs": True},
+    )
+    chunks = [json.loads(e)["choices"] for e in sse_data(text)[:-1]]
+    streamed = [e for c in chunks if c and c[0]["logprobs"] for e in c[0]["logprobs"]["content"]]
+    assert [(e["token"], e["logprob"], e["top_logprobs"]) for e in streamed] == [
+        (t, token_logprob(t), []) for t in CANNED_REPLY
+    ]
+    body = {"model": "base-model", "prompt": "p", "logprobs": 1}
+    logprobs = httpx.post(f"{vllm.url}/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == list(CANNED_REPLY)
+    assert logprobs["token_logprobs"] == [token_logprob(t) for t in CANNED_REPLY]
+    assert logprobs["top_logprobs"][0] == {first: lp}
+    assert logprobs["text_offset"][:3] == [0, len(first), len(first) + 1]
+
+
+def test_tgi_top_n_tokens(tgi: FakeTGI) -> None:
+    details = generate(tgi, details=True, top_n_tokens=2).json()["details"]
+    tops = details["top_tokens"]
+    assert len(tops) == len(details["tokens"])
+    assert [t["text"] for t in tops[0]] == [CANNED_REPLY[0], CANNED_REPLY[0] + "~"]
+    assert tops[0][1]["logprob"] == details["tokens"][0]["logprob"] - 1
+    assert "top_tokens" not in generate(tgi, details=True).json()["details"]
+    _, text = read_stream(
+        f"{tgi.url}/generate_stream", {"inputs": "hi there", "parameters": {"top_n_tokens": 1}}
+    )
+    events = [json.loads(e) for e in sse_data(text)]
+    assert all(e["top_tokens"] == [e["token"]] for e in events)

@@ -74,7 +74,9 @@ Wire format reproduced from huggingface/text-generation-inference:
   into the target type: ..." (the serde detail is approximated).
 
 Simplifications: a token is a whitespace-separated word (``input_length``); ``truncate``
-keeps the last words (TGI truncates on the left); ``top_n_tokens`` is accepted and ignored;
+keeps the last words (TGI truncates on the left); ``top_n_tokens`` gives the fake's
+:func:`.llm.alternatives` (``details.top_tokens``, one list per token, and each stream event's
+``top_tokens``; both left out when empty, as TGI's serde does);
 a request without ``seed`` that samples reports a seed derived from the inputs (TGI: random).
 """
 
@@ -91,7 +93,16 @@ from typing import Any, ClassVar
 from aiohttp import web
 
 from .http_fake import stable_seed
-from .llm import FakeLLMServer, Generation, Token, _Abort, compact_json, token_id, token_logprob
+from .llm import (
+    FakeLLMServer,
+    Generation,
+    Token,
+    _Abort,
+    alternatives,
+    compact_json,
+    token_id,
+    token_logprob,
+)
 
 #: TGI's ``InferError`` kinds -> (HTTP status, ``error_type``).
 TGI_ERRORS: dict[str, tuple[int, str]] = {
@@ -589,6 +600,10 @@ class FakeTGI(FakeLLMServer):
                         "generated_text": text if last else None,
                         "details": None,
                     }
+                    if top_n := params.get("top_n_tokens"):
+                        event["top_tokens"] = [
+                            _token(t) for t in alternatives(gen.tokens[step], top_n)
+                        ]
                     if last and params.get("details"):
                         event["details"] = {
                             "finish_reason": _FINISH[gen.finish],
@@ -625,13 +640,18 @@ class FakeTGI(FakeLLMServer):
             for i, word in enumerate(prompt.split()):
                 logprob = None if i == 0 else token_logprob(word)
                 prefill.append({"id": token_id(word), "text": word, "logprob": logprob})
-        return {
+        details: dict[str, Any] = {
             "finish_reason": _FINISH[gen.finish],
             "generated_tokens": gen.completion_tokens,
             "seed": self._seed(req),
             "prefill": prefill,
             "tokens": [_token(t) for t in gen.tokens],
         }
+        if top_n := req["parameters"].get("top_n_tokens"):
+            details["top_tokens"] = [
+                [_token(a) for a in alternatives(t, top_n)] for t in gen.tokens
+            ]
+        return details
 
     async def _queued_failure(self) -> tuple[int, dict[str, str]] | None:
         """The next error queued by :meth:`fail_next_tgi` (status, body), after the delay."""
