@@ -51,17 +51,15 @@ class _ApprovePlan(ApprovalOperator):
         return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        decision = super().execute_complete(context, event)  # skips level_0 on a rejection
-        # Kept under a key of its own: a return value is not pushed after a resumed wait.
-        context["ti"].xcom_push(
-            key="decision",
-            value={
-                "chosen_options": decision["chosen_options"],
-                "responded_by_user": decision["responded_by_user"],
-                "responded_at": str(decision["responded_at"]),
-            },
-        )
-        return decision
+        # Pushed first: a rejection skips level_0 by raising, so no return value is pushed.
+        if "error" not in event:
+            decision = {
+                "chosen_options": event["chosen_options"],
+                "responded_by_user": event["responded_by_user"],
+                "responded_at": str(event["responded_at"]),
+            }
+            context["ti"].xcom_push(key="decision", value=decision)
+        return super().execute_complete(context, event)
 
 
 @dag(
