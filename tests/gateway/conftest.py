@@ -1,6 +1,6 @@
-"""A gateway in front of real services: a generation server on a fake vLLM (the one part
-that cannot run here at speed), the real embedding and rerank servers, API keys in the real
-PostgreSQL, limits in the real Redis."""
+"""A gateway in front of real services: a generation server on a fake vLLM and a fake
+Ollama (the one part that cannot run here at speed), the real embedding and rerank servers,
+API keys in the real PostgreSQL, limits in the real Redis."""
 
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ from daert.local.postgres import EmbeddedPostgres
 from daert.local.redis import EmbeddedRedis
 from daert.testing import ServerProcess
 
+from tests.fakes.ollama import FakeOllama
 from tests.fakes.openai import FakeOpenAI
 
 CHAT_MODEL = "chat-model"
 # The same server, configured as a model whose chat template has no tools.
 NO_TOOLS_MODEL = "no-tools-model"
+# A model on Ollama, whose API (as the generation service speaks it) has no log probabilities.
+OLLAMA_MODEL = "ollama-model"
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 # A port nothing listens on: the LoRA router is not part of these tests.
 NO_SERVICE = "127.0.0.1:9"
@@ -32,13 +35,20 @@ def fake_vllm() -> Iterator[FakeOpenAI]:
         yield fake
 
 
+@pytest.fixture(scope="session")
+def fake_ollama() -> Iterator[FakeOllama]:
+    with FakeOllama() as fake:
+        yield fake
+
+
 @pytest.fixture(autouse=True)
-def _reset_fake(fake_vllm: FakeOpenAI) -> None:
+def _reset_fake(fake_vllm: FakeOpenAI, fake_ollama: FakeOllama) -> None:
     fake_vllm.reset()
+    fake_ollama.reset()
 
 
 @pytest.fixture(scope="session")
-def generation_server(fake_vllm: FakeOpenAI) -> Iterator[ServerProcess]:
+def generation_server(fake_vllm: FakeOpenAI, fake_ollama: FakeOllama) -> Iterator[ServerProcess]:
     models = [
         {
             "name": CHAT_MODEL,
@@ -54,6 +64,12 @@ def generation_server(fake_vllm: FakeOpenAI) -> Iterator[ServerProcess]:
             "url": fake_vllm.url,
             "upstream_model": "fake/vllm-model",
             "supports_tools": False,
+        },
+        {
+            "name": OLLAMA_MODEL,
+            "backend": "ollama",
+            "url": fake_ollama.url,
+            "upstream_model": "llama3.2",
         },
     ]
     env = {"DAERT_GENERATION_MODELS": json.dumps(models), "DAERT_GENERATION_RETRY_ATTEMPTS": "1"}

@@ -102,7 +102,6 @@ class _Sampling(_Body):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    logprobs: Any = None
     # Sampling parameters of the generation contract that OpenAI lacks (vLLM accepts the
     # same names as extra body fields).
     top_k: int | None = Field(None, ge=0)
@@ -112,6 +111,8 @@ class _Sampling(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    # Its range and its need for logprobs are the generation service's to check.
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
     tools: list[ToolDefinition] | None = None
@@ -125,6 +126,8 @@ class CompletionRequest(_Sampling):
     # OpenAI's default for /v1/completions.
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
+    # The number of alternatives per token (0: the chosen token's only); unset: none.
+    logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = None
 

@@ -61,16 +61,12 @@ def _reject_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None
     rather than an answer produced without it."""
     if body.n != 1:
         raise bad_request("n", "only n=1 is supported: send one request per choice")
-    if body.logprobs:
-        raise bad_request("logprobs", "log probabilities are not returned by this gateway")
     if body.presence_penalty:
         raise bad_request("presence_penalty", "not supported; use repetition_penalty")
     if body.frequency_penalty:
         raise bad_request("frequency_penalty", "not supported; use repetition_penalty")
     if body.logit_bias:
         raise bad_request("logit_bias", "not supported")
-    if isinstance(body, ChatCompletionRequest) and body.top_logprobs:
-        raise bad_request("top_logprobs", "log probabilities are not returned by this gateway")
 
 
 def _params(body: ChatCompletionRequest | CompletionRequest) -> generation_pb2.SamplingParams:
@@ -186,6 +182,8 @@ def generate_fields(
         if body.best_of not in (None, 1):
             raise bad_request("best_of", "only best_of=1 is supported")
         fields["prompt"] = prompts[0]
+        if body.logprobs is not None:
+            fields |= {"logprobs": True, "top_logprobs": body.logprobs}
         return fields
     fields["messages"] = messages or [_message(m, i) for i, m in enumerate(body.messages)]
     response_format = _response_format(body.response_format)
@@ -196,6 +194,8 @@ def generate_fields(
     tool_choice = _tool_choice(body)
     if tool_choice is not None:
         fields["tool_choice"] = tool_choice
+    fields["logprobs"] = bool(body.logprobs)
+    fields["top_logprobs"] = body.top_logprobs or 0
     return fields
 
 
@@ -225,3 +225,37 @@ def tool_call_deltas(deltas: Any) -> list[dict[str, Any]]:
             entry["function"]["arguments"] = delta.arguments_delta
         out.append(entry)
     return out
+
+
+def _entry(token: str, logprob: float) -> dict[str, Any]:
+    # OpenAI's bytes are the token's UTF-8 encoding, as a list of byte values.
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def chat_logprobs(logprobs: Any) -> dict[str, Any]:
+    """A chat choice's (or chunk's) `logprobs`: `{"content": [{"token", "logprob", "bytes",
+    "top_logprobs": [...]}]}`."""
+    return {
+        "content": [
+            {
+                **_entry(lp.token, lp.logprob),
+                "top_logprobs": [_entry(top.token, top.logprob) for top in lp.top_logprobs],
+            }
+            for lp in logprobs
+        ]
+    }
+
+
+def completion_logprobs(logprobs: Any, offset: int = 0) -> dict[str, Any]:
+    """A text completion's `logprobs`: parallel lists, each token's alternatives as a
+    {token: logprob} map, and where each token starts in the text (from `offset`)."""
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return {
+        "tokens": [lp.token for lp in logprobs],
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{top.token: top.logprob for top in lp.top_logprobs} for lp in logprobs],
+        "text_offset": offsets,
+    }

@@ -96,7 +96,7 @@ async def chat_completions(
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(
-            _chat_events(stream, body.model, include_usage, citations),
+            _chat_events(stream, body.model, include_usage, citations, bool(body.logprobs)),
             lambda: state.record_usage(caller, stream.tokens_used()),
         )
     reply = await state.clients.generation.stub.Generate(generation_pb2.GenerateRequest(**fields))
@@ -111,7 +111,7 @@ async def chat_completions(
             {
                 "index": 0,
                 "message": _chat_message(reply, citations),
-                "logprobs": None,
+                "logprobs": translate.chat_logprobs(reply.logprobs) if body.logprobs else None,
                 "finish_reason": translate.FINISH_REASONS.get(reply.finish_reason, "stop"),
             }
         ],
@@ -123,7 +123,11 @@ async def chat_completions(
 
 
 async def _chat_events(
-    stream: GenerationStream, model: str, include_usage: bool, citations: list[Citation]
+    stream: GenerationStream,
+    model: str,
+    include_usage: bool,
+    citations: list[Citation],
+    logprobs: bool,
 ) -> AsyncIterator[str]:
     base: dict[str, Any] = {
         "id": translate.completion_id("chatcmpl"),
@@ -134,8 +138,13 @@ async def _chat_events(
     }
     extra = {"usage": None} if include_usage else {}
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None, tokens: Any = ()) -> str:
+        choice = {
+            "index": 0,
+            "delta": delta,
+            "logprobs": translate.chat_logprobs(tokens) if tokens else None,
+            "finish_reason": finish_reason,
+        }
         return event({**base, "choices": [choice], **extra})
 
     yield chunk({"role": "assistant", "content": ""})
@@ -144,9 +153,9 @@ async def _chat_events(
         if isinstance(message, str):  # an error after the stream started
             yield message
             return
-        if message.delta:
+        if message.delta or (logprobs and message.logprobs):
             text.append(message.delta)
-            yield chunk({"content": message.delta})
+            yield chunk({"content": message.delta}, tokens=message.logprobs)
         if message.tool_calls:
             yield chunk({"tool_calls": translate.tool_call_deltas(message.tool_calls)})
         if message.finish_reason == generation_pb2.FINISH_REASON_ERROR:
@@ -201,7 +210,7 @@ async def completions(body: CompletionRequest, request: Request, caller: Authent
         )
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(
-            _completion_events(stream, body.model, include_usage),
+            _completion_events(stream, body.model, include_usage, body.logprobs is not None),
             lambda: state.record_usage(caller, stream.tokens_used()),
         )
     reply = await state.clients.generation.stub.Generate(generation_pb2.GenerateRequest(**fields))
@@ -217,7 +226,11 @@ async def completions(body: CompletionRequest, request: Request, caller: Authent
                 {
                     "index": 0,
                     "text": reply.text,
-                    "logprobs": None,
+                    "logprobs": (
+                        translate.completion_logprobs(reply.logprobs)
+                        if body.logprobs is not None
+                        else None
+                    ),
                     "finish_reason": translate.FINISH_REASONS.get(reply.finish_reason, "stop"),
                 }
             ],
@@ -227,7 +240,7 @@ async def completions(body: CompletionRequest, request: Request, caller: Authent
 
 
 async def _completion_events(
-    stream: GenerationStream, model: str, include_usage: bool
+    stream: GenerationStream, model: str, include_usage: bool, logprobs: bool
 ) -> AsyncIterator[str]:
     base: dict[str, Any] = {
         "id": translate.completion_id("cmpl"),
@@ -237,6 +250,7 @@ async def _completion_events(
         "system_fingerprint": None,
     }
     extra = {"usage": None} if include_usage else {}
+    offset = 0  # where the next token starts in the text, for text_offset
     async for message in _guarded(stream):
         if isinstance(message, str):
             yield message
@@ -247,8 +261,15 @@ async def _completion_events(
         finish = (
             translate.FINISH_REASONS.get(message.finish_reason) if message.finish_reason else None
         )
-        if message.delta or finish:
-            choice = {"index": 0, "text": message.delta, "logprobs": None, "finish_reason": finish}
+        tokens = message.logprobs if logprobs else []
+        if message.delta or finish or tokens:
+            choice = {
+                "index": 0,
+                "text": message.delta,
+                "logprobs": translate.completion_logprobs(tokens, offset) if tokens else None,
+                "finish_reason": finish,
+            }
+            offset += sum(len(lp.token) for lp in tokens)
             yield event({**base, "choices": [choice], **extra})
         if finish and include_usage:
             yield event({**base, "choices": [], "usage": translate.usage(message.usage)})
