@@ -10,7 +10,8 @@ from daert.retrieval.backends.pg_filter import compile_filter
 from daert.retrieval.filters import And, Equals, Exists, Not, Or, Range, parse_filter
 from daert.retrieval.fusion import RRF_K, Fusion, fuse
 from daert.retrieval.model import ChunkRecord, ScoredChunk
-from daert.runtime.errors import InvalidArgument
+from daert.retrieval.service import _both
+from daert.runtime.errors import InvalidArgument, Unavailable
 
 
 def test_parse_builds_the_tree() -> None:
@@ -99,3 +100,18 @@ def test_relative_score_fusion_normalises_each_list() -> None:
     )
     scores = {hit.chunk.id: hit.score for hit in fused}
     assert scores == pytest.approx({"a": 0.5, "b": 0.5, "c": 0.0})
+
+
+async def test_a_service_error_under_both_searches_is_raised_as_itself() -> None:
+    # A database restart breaks both hybrid searches at once: the caller must see
+    # UNAVAILABLE (which clients retry), not the task group's ExceptionGroup (INTERNAL).
+    async def lost() -> list[ScoredChunk]:
+        raise Unavailable("PostgreSQL connection failed")
+
+    with pytest.raises(Unavailable, match="connection failed"):
+        await _both(lost(), lost())
+
+    async def found() -> list[ScoredChunk]:
+        return []
+
+    assert await _both(found(), found()) == ([], [])

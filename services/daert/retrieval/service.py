@@ -26,7 +26,7 @@ from daert.retrieval.model import (
     ScoredChunk,
     Vector,
 )
-from daert.runtime.errors import InvalidArgument, NotFound
+from daert.runtime.errors import InvalidArgument, NotFound, ServiceError
 from daert.runtime.validation import require
 from daert.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 
@@ -355,9 +355,15 @@ Ranking = Coroutine[Any, Any, list[ScoredChunk]]
 
 
 async def _both(first: Ranking, second: Ranking) -> tuple[list[ScoredChunk], list[ScoredChunk]]:
-    """Run two searches at once; if one fails, the other is cancelled."""
-    async with asyncio.TaskGroup() as group:
-        a, b = group.create_task(first), group.create_task(second)
+    """Run two searches at once; if one fails, the other is cancelled. The task group
+    reports failures as an ExceptionGroup: its first service error is re-raised as itself,
+    so a database restart under both searches is UNAVAILABLE (which clients retry), not
+    INTERNAL."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            a, b = group.create_task(first), group.create_task(second)
+    except* ServiceError as failed:
+        raise failed.exceptions[0] from None
     return a.result(), b.result()
 
 
