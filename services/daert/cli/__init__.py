@@ -1,5 +1,6 @@
 """The `daert` command: `serve` one service, bring the whole local stack `up`, or `deploy`
-the Helm chart onto a cluster (and see its `status`, `uninstall` it)."""
+the Helm chart onto a cluster (and see its `status`, `uninstall` it), or run a local
+control plane to deploy onto (`cluster up`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from daert.cli import deploy, keys
+from daert.cli import cluster, deploy, keys
 from daert.runtime.registry import SERVICES
 
 # The OpenAI-compatible HTTP gateway: served like a service, though not a gRPC one.
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     deploy.add_parsers(commands)
     keys.add_parsers(commands)
+    cluster.add_parsers(commands)
     return parser
 
 
@@ -56,4 +58,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_stack(args.only or sorted(SERVICES), args.ready_timeout, args.state_dir)
     if args.command == "keys":
         return keys.run(args)
+    if args.command == "cluster":
+        return cluster.run(args)
     return deploy.run(args)
