@@ -337,9 +337,13 @@ def _pod(name: str, phase: str, ready: list[bool], restarts: int) -> dict[str, A
     }
 
 
+def _pod_list(*pods: dict[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": list(pods)}
+
+
 def test_status_lists_workloads_and_pods_from_helm_show_resources() -> None:
     # The shape of `helm status --show-resources -o json`'s info.resources (helm's
-    # kube.Client.Get: "<version>/<Kind>" keys and related pods under "v1/Pod(related)").
+    # kube.Client.Get: "<version>/<Kind>" keys, related pods as PodLists under "v1/Pod(related)").
     resources = {
         "v1/Deployment": [
             {
@@ -353,9 +357,15 @@ def test_status_lists_workloads_and_pods_from_helm_show_resources() -> None:
             {"kind": "StatefulSet", "metadata": {"name": "daert-pgvector"}, "spec": {}}
         ],
         "v1/Service": [{"kind": "Service", "metadata": {"name": "daert-embedding"}}],
+        # One PodList per workload; the StatefulSet has no pods yet, and a pod another
+        # selector (a Service's) also matches is listed once.
         "v1/Pod(related)": [
-            _pod("daert-embedding-abc", "Running", [True], 0),
-            _pod("daert-embedding-def", "Pending", [False], 3),
+            _pod_list(
+                _pod("daert-embedding-def", "Pending", [False], 3),
+                _pod("daert-embedding-abc", "Running", [True], 0),
+            ),
+            _pod_list(),
+            _pod_list(_pod("daert-embedding-abc", "Running", [True], 0)),
         ],
     }
     lines = deploy.describe_live_resources(resources)
@@ -421,10 +431,11 @@ if "--show-resources" in args:
     release["info"]["resources"] = {{
         "v1/Deployment": [{{"kind": "Deployment", "metadata": {{"name": "daert-embedding"}},
                             "spec": {{"replicas": 2}}, "status": {{"readyReplicas": 2}}}}],
-        "v1/Pod(related)": [{{"kind": "Pod", "metadata": {{"name": "daert-embedding-1"}},
-                             "spec": {{"containers": [{{"name": "server"}}]}},
-                             "status": {{"phase": "Running", "containerStatuses": [
-                                 {{"ready": True, "restartCount": 1}}]}}}}],
+        "v1/Pod(related)": [{{"kind": "PodList", "metadata": {{}}, "items": [
+            {{"kind": "Pod", "metadata": {{"name": "daert-embedding-1"}},
+             "spec": {{"containers": [{{"name": "server"}}]}},
+             "status": {{"phase": "Running", "containerStatuses": [
+                 {{"ready": True, "restartCount": 1}}]}}}}]}}],
     }}
 print(json.dumps(release))
 """

@@ -418,11 +418,21 @@ def describe_live_resources(resources: Mapping[str, list[dict[str, Any]]]) -> li
         else:
             state = f"last scheduled {status.get('lastScheduleTime', 'never')}"
         lines.append(f"  {name:<48} {state}")
-    pods = [obj for key, objs in resources.items() if "Pod(related)" in key for obj in objs]
+    # Each "(related)" entry is a PodList, one per workload (its items: the pods its selector
+    # matches, none yet right after an install); a pod two selectors match is listed once.
+    pods = list(
+        {
+            pod["metadata"]["name"]: pod
+            for key, lists in resources.items()
+            if "Pod(related)" in key
+            for pod_list in lists
+            for pod in pod_list.get("items") or []
+        }.values()
+    )
     lines.append("pods:")
     if not pods:
         lines.append("  (none)")
-    for pod in sorted(pods, key=lambda p: str(p.get("metadata", {}).get("name", ""))):
+    for pod in sorted(pods, key=lambda p: str(p["metadata"]["name"])):
         status = pod.get("status", {})
         containers = status.get("containerStatuses", [])
         ready = sum(1 for c in containers if c.get("ready"))
