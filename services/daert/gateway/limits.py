@@ -18,9 +18,6 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from prometheus_client import Counter
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from daert.gateway.keys import ApiKey
 from daert.runtime.redis_state import RedisState
@@ -138,12 +135,8 @@ class RateLimiter:
         self._redis = RedisState("gateway", redis_url, None, timeout_s) if redis_url else None
         self._window_s = window_s
         if self._redis is not None:
-            # One immediate retry on a broken connection (Redis restarted since its last use),
-            # else a restart fails one check open per pooled connection. Not on a timeout: the
-            # script may have run (it would count twice) and the wait would double.
-            self._redis.client.set_retry(
-                Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
-            )
+            # A broken connection is retried once by the runtime's client; a timeout is not
+            # (the script may have run, and would count twice).
             self._admit = self._redis.client.register_script(_ADMIT)
             self._record = self._redis.client.register_script(_RECORD)
 

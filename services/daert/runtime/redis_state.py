@@ -14,6 +14,7 @@ import redis.asyncio as redis
 from prometheus_client import Counter
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 log = logging.getLogger("daert.redis")
@@ -38,7 +39,10 @@ def redis_client(url: str, password: str | None, timeout_s: float) -> redis.Redi
         password=password or None,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 0),
+        # One immediate retry on a broken connection (Redis restarted since the pooled
+        # connection's last use), else a restart costs one failed operation per pooled
+        # connection. Not on a timeout: the wait would double.
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=30,
     )
 
