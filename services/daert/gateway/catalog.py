@@ -31,6 +31,8 @@ class CatalogModel:
     # Prompt plus completion tokens; 0 when the backend does not say.
     context_length: int = 0
     supports_tools: bool = False
+    # Generation: the base model the LoRA router knows it by ("" = takes no adapters).
+    base_model: str = ""
 
 
 _BACKEND_OWNERS = {
@@ -87,7 +89,8 @@ class ModelCatalog:
                 owned_by=_BACKEND_OWNERS.get(m.backend, "daert"),
                 generation_model=m.name,
                 context_length=m.context_length,
-                supports_tools=getattr(m, "supports_tools", False),
+                supports_tools=m.supports_tools,
+                base_model=m.base_model,
             )
             for m in reply.models
         ]
@@ -111,19 +114,22 @@ class ModelCatalog:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 return []
             raise
-        bases = {m.id: m for m in await self._generation_models.get()}
+        # An adapter applies to the generation model serving its base model.
+        bases = {m.base_model: m for m in await self._generation_models.get() if m.base_model}
         models = []
         for adapter in reply.adapters:
             base = bases.get(adapter.base_model)
+            if base is None:
+                continue  # no model here serves its base: it could not answer
             models.append(
                 CatalogModel(
                     id=adapter.name,
                     kind="adapter",
                     owned_by=f"adapter of {adapter.base_model}",
-                    generation_model=base.id if base else "",
+                    generation_model=base.id,
                     adapter_id=adapter.name,
-                    context_length=base.context_length if base else 0,
-                    supports_tools=base.supports_tools if base else False,
+                    context_length=base.context_length,
+                    supports_tools=base.supports_tools,
                 )
             )
         return models

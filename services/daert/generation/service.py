@@ -251,6 +251,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 unavailable_reason=model.unavailable_reason,
                 supports_tools=model.config.supports_tools,
                 supports_logprobs=_supports_logprobs(model),
+                base_model=model.config.router_base_model
+                if model.config.adapters != "none"
+                else "",
             )
             for name, model in self._models.items()
         ]

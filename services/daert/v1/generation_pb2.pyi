@@ -937,6 +937,7 @@ class GenerationModel(_message.Message):
     UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
     SUPPORTS_TOOLS_FIELD_NUMBER: _builtins.int
     SUPPORTS_LOGPROBS_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name clients pass as GenerateRequest.model."""
     backend: Global___GenerationBackend.ValueType
@@ -963,6 +964,10 @@ class GenerationModel(_message.Message):
     """True when requests for this model may carry tools (function calling)."""
     supports_logprobs: _builtins.bool
     """True when requests for this model may ask for logprobs."""
+    base_model: _builtins.str
+    """The base model name the LoRA router knows this model by (adapters
+    registered for it apply here); empty when the model takes no adapters.
+    """
     def __init__(
         self,
         *,
@@ -977,10 +982,11 @@ class GenerationModel(_message.Message):
         unavailable_reason: _builtins.str = ...,
         supports_tools: _builtins.bool = ...,
         supports_logprobs: _builtins.bool = ...,
+        base_model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "context_length", b"context_length", "description", b"description", "is_default", b"is_default", "name", b"name", "ready", b"ready", "supports_adapters", b"supports_adapters", "supports_logprobs", b"supports_logprobs", "supports_structured_output", b"supports_structured_output", "supports_tools", b"supports_tools", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "base_model", b"base_model", "context_length", b"context_length", "description", b"description", "is_default", b"is_default", "name", b"name", "ready", b"ready", "supports_adapters", b"supports_adapters", "supports_logprobs", b"supports_logprobs", "supports_structured_output", b"supports_structured_output", "supports_tools", b"supports_tools", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
