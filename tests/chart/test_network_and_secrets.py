@@ -55,6 +55,19 @@ def test_sandbox_network_policy_denies_all_egress(profile: str) -> None:
     ]
 
 
+def test_sandbox_clients_are_named_for_it_alone() -> None:
+    airflow = {"podSelector": {"matchLabels": {"tier": "airflow"}}}
+    values = {"sandbox": {"networkPolicy": {"clientsFrom": [airflow]}}}
+    rendered = render(values)
+    spec = policy(rendered, "sandbox")
+    assert spec["ingress"] == [
+        {"from": [RELEASE_PEER, airflow], "ports": [{"port": 50055, "protocol": "TCP"}]}
+    ]
+    assert spec["egress"] == []
+    # The other services' policies are not widened by it.
+    assert airflow not in policy(rendered, "embedding")["ingress"][0]["from"]
+
+
 def test_sandbox_egress_cannot_be_configured() -> None:
     from tests.chart.conftest import render_error
 

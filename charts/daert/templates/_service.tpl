@@ -334,11 +334,15 @@ spec:
     - Ingress
     - Egress
   ingress:
-    # Its {{ $portName }} port, from the pods of this release{{ if ne $name "sandbox" }} and the extra peers{{ end }}.
+    # Its {{ $portName }} port, from the pods of this release and the extra peers{{ if eq $name "sandbox" }} named for the sandbox{{ end }}.
     - from:
         {{- include "daert.releasePeer" $root | nindent 8 }}
         {{- if ne $name "sandbox" }}
         {{- with $V.networkPolicy.extraIngressFrom }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+        {{- else }}
+        {{- with (dig "networkPolicy" "clientsFrom" (list) $svc) }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
         {{- end }}
