@@ -141,10 +141,16 @@ def trim_by_estimate(
 
 
 async def fit(
-    messages: Sequence[common_pb2.ChatMessage], budget: int, tenant: str, usage: Usage
+    messages: Sequence[common_pb2.ChatMessage],
+    budget: int,
+    tenant: str,
+    usage: Usage,
+    tokenizer: str = "",
 ) -> tuple[list[common_pb2.ChatMessage], str]:
     """`messages` within `budget` tokens, and how ("context service" or "estimate"). The
-    context service keeps the last message (the instruction) and condenses the rest."""
+    context service counts with `tokenizer` (empty: its default), keeps the system prompt and
+    the last message (the instruction) and condenses the rest (AUTO: abstractive, else
+    extractive, else dropped)."""
     if not os.environ.get("DAERT_CONTEXT_TARGET"):
         return trim_by_estimate(messages, budget), "estimate"
     async with ContextClient() as context:
@@ -156,6 +162,8 @@ async def fit(
                     messages=list(messages),
                     token_budget=budget,
                     keep_last_messages=1,
+                    strategy=context_pb2.COMPRESSION_STRATEGY_AUTO,
+                    tokenizer=tokenizer,
                     tenant=tenant,
                 ),
                 timeout=CONTEXT_TIMEOUT_S,

@@ -125,7 +125,7 @@ async def _llm(
     usage = Usage()
     async with GenerationClient() as client:
         budget = await context_tokens(client, params.model) - ANSWER_MAX_TOKENS
-        fitted, how = await fit(messages, budget, params.tenant, usage)
+        fitted, how = await fit(messages, budget, params.tenant, usage, params.tokenizer)
         reply = await generate(
             client,
             f"task {task['id']!r}",
@@ -270,7 +270,7 @@ async def _code(
     attempts: list[dict[str, str]] = []
     async with GenerationClient() as generation, SandboxClient() as sandbox:
         budget = await context_tokens(generation, params.model) - PROGRAM_MAX_TOKENS
-        messages, how = await fit(messages, budget, params.tenant, usage)
+        messages, how = await fit(messages, budget, params.tenant, usage, params.tokenizer)
         for attempt in range(params.max_code_fixes + 1):
             reply = await generate(
                 generation,

@@ -29,6 +29,11 @@ class PlannerParams(BaseModel):
         "",
         description="Generation model for planning and every task; empty is the service's default.",
     )
+    tokenizer: str = Field(
+        "",
+        description="Tokenizer the context service counts prompts with (a name it serves, "
+        "e.g. the model's); empty is its default. Unused without the context service.",
+    )
     max_tasks: int = Field(6, ge=1, le=MAX_TASKS, description="Most tasks a plan may have.")
     allow_code: bool = Field(
         True, description="Whether the plan may have code tasks (run in the sandbox)."
