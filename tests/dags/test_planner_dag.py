@@ -324,16 +324,17 @@ def test_a_failed_task_fails_only_what_depends_on_it_and_the_report_says_so(
     assert not [text for text in asked if text.startswith(("Use ", "Answer"))], asked
 
 
-def test_a_rejected_plan_runs_nothing(fake_llm: FakeOpenAI, airflow_api: AirflowApi) -> None:
-    fake_llm.reply_fn = Script([VALID])
-    seen: dict[str, Any] = {}
+def answer_approval(api_of: AirflowApi, option: str, seen: dict[str, Any]) -> Callable[[], None]:
+    """As a person would: once the approval task waits, read its Required Action (what it
+    shows goes into `seen`) and answer it with `option` through the HITL REST API."""
 
-    def reject() -> None:
-        """As a person would: once the approval task waits, answer its Required Action."""
-        with airflow_api.client() as api:
+    def respond() -> None:
+        with api_of.client() as api:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 pending = api.get("/api/v2/dags/daert_plan/dagRuns/~/hitlDetails").json()
+                # Answered only once the task awaits input: in Airflow 3.3.2's dag.test an
+                # answer that comes before is lost, and the run waits for ever.
                 waiting = [
                     d
                     for d in pending.get("hitl_details", [])
@@ -342,17 +343,26 @@ def test_a_rejected_plan_runs_nothing(fake_llm: FakeOpenAI, airflow_api: Airflow
                 ]
                 if waiting:
                     detail = waiting[0]
-                    seen["body"] = detail["body"]
+                    seen.update(
+                        subject=detail["subject"], body=detail["body"], options=detail["options"]
+                    )
                     ti = detail["task_instance"]
                     answered = api.patch(
                         f"/api/v2/dags/{ti['dag_id']}/dagRuns/{ti['dag_run_id']}/taskInstances/"
                         f"{ti['task_id']}/{ti['map_index']}/hitlDetails",
-                        json={"chosen_options": ["Reject"]},
+                        json={"chosen_options": [option]},
                     )
                     seen["status"] = answered.status_code
                     return
                 time.sleep(0.5)
 
+    return respond
+
+
+def test_a_rejected_plan_runs_nothing(fake_llm: FakeOpenAI, airflow_api: AirflowApi) -> None:
+    fake_llm.reply_fn = Script([VALID])
+    seen: dict[str, Any] = {}
+    reject = answer_approval(airflow_api, "Reject", seen)
     run, report = run_plan(during=reject, objective="Check the pump", require_approval=True)
     assert seen["status"] == 200, seen
     # The person saw the plan itself.
@@ -363,3 +373,37 @@ def test_a_rejected_plan_runs_nothing(fake_llm: FakeOpenAI, airflow_api: Airflow
     ran = {k: v for k, v in states(run).items() if k[0].startswith(("level_", "wave_"))}
     assert set(ran.values()) == {"skipped"}, ran
     assert len(chat_requests(fake_llm)) == 1  # the planning request, nothing after it
+
+
+def test_an_approved_plan_waits_for_the_person_then_runs_to_success(
+    fake_llm: FakeOpenAI, airflow_api: AirflowApi
+) -> None:
+    plan = {
+        "tasks": [
+            task("note", "llm", "Write a note on the pump"),
+            task("end", "answer", "Answer with $note", ["note"], ["note"]),
+        ]
+    }
+    fake_llm.reply_fn = Script([plan])
+    seen: dict[str, Any] = {}
+    approve = answer_approval(airflow_api, "Approve", seen)
+    run, report = run_plan(during=approve, objective="Note the pump", require_approval=True)
+    assert seen["status"] == 200, seen
+    # What the person was shown: the objective in the subject, the plan's table in the body.
+    assert seen["subject"] == "Run this plan for: Note the pump?"
+    assert "**Objective:** Note the pump" in seen["body"]
+    assert "| note | llm | - | Write a note on the pump |" in seen["body"]
+    assert "| end | answer | note | Answer with $note |" in seen["body"]
+    assert seen["options"] == ["Approve", "Reject"]
+    # Nothing ran before the answer; after it, the whole plan did.
+    assert run.state == "success", states(run)
+    assert report["status"] == "succeeded" and report["not_done"] == []
+    assert report["done"] == ["note", "end"]
+    assert report["approval"]["chosen_options"] == ["Approve"]
+    assert "admin" in str(report["approval"]["responded_by"])  # who answered, through the API
+    assert states(run)[("approve", -1)] == "success"
+    responded = _epoch(report["approval"]["responded_at"])
+    assert all(_epoch(t["started_at"]) >= responded for t in report["tasks"]), report["tasks"]
+    assert report["answer"] == "Final answer [manual-0]. ok ok ok"
+    asked = [prompt_of(r) for r in chat_requests(fake_llm)]
+    assert len(asked) == 3 and "Write a note on the pump" in asked[1]
