@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,14 @@ def test_up_runs_a_planned_objective_triggered_over_the_rest_api(tmp_path: Path)
                 path = f"{DAG}/dagRuns/{run}/taskInstances/report/xcomEntries/report"
                 report: dict[str, Any] = api.get(path).json()["value"]
                 tasks = api.get(f"{DAG}/dagRuns/{run}/taskInstances").json()["task_instances"]
+            # Stopped as Ctrl-C would: daert_up's SIGKILL of the session alone leaves Airflow's
+            # components (each in a process group of its own) and PostgreSQL running.
+            stack.process.send_signal(signal.SIGTERM)
+            assert stack.process.wait(90) == 0, stack.text()
+            survivors = subprocess.run(
+                ["pgrep", "-s", str(stack.process.pid)], capture_output=True, text=True
+            ).stdout.split()
+            assert survivors == [], survivors
     assert report["status"] == "succeeded" and report["not_done"] == [], report
     by_id = {t["id"]: t for t in report["tasks"]}
     assert by_id["total"]["output"] == "31\n"
