@@ -79,8 +79,15 @@ def daert_up(tmp_path: Path, *args: str, **env_vars: str) -> Iterator[Stack]:
             time.sleep(0.2)
         yield stack
     finally:
+        # SIGTERM first: `up` stops Airflow's components, which run in process groups of
+        # their own and would outlive a SIGKILL of `up`'s group.
         if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
+            up.terminate()
+            try:
+                up.wait(60)
+            except subprocess.TimeoutExpired:
+                subprocess.run(["pkill", "-KILL", "-s", str(up.pid)], check=False)
+                up.wait()
 
 
 def grpcurl_call(grpcurl: Path, port: int, method: str, body: object) -> Any:
