@@ -9,6 +9,11 @@ container runs: kwok plays the kubelet, moving scheduled pods to Running and Rea
 pods to Succeeded) and finishing their deletion. Images are never pulled and the pod IPs
 route nowhere.
 
+Debian's etcd 3.4 cannot answer progress requests, so the API server refuses watch-list
+requests (logged as "RequestWatchProgress is disabled"); the components fall back to list
+and watch, but kwok's caches then lag: a pod being deleted can take some 20 s to go, and its
+node-lease updates conflict (hence the node monitor's grace period of an hour, below).
+
 Every listener is on 127.0.0.1, on free ports chosen per run. Each run makes its own CA,
 serving and client certificates and service-account key (ECDSA P-256, `cryptography`) in
 its folder; `stop` ends the processes and removes everything there but the logs. The
@@ -59,8 +64,7 @@ _INSTALL_HINTS = {
 # kwok's behaviour, as Stages (its API for what a simulated node or pod goes through): nodes
 # become Ready with NODE_CAPACITY; scheduled pods start at once (init containers completed,
 # sidecars and containers running and ready); pods of Jobs then succeed; pods being deleted
-# are gone once their finalizers are. kwok keeps the nodes' leases renewed, so the node
-# lifecycle controller never marks them unreachable.
+# are gone once their finalizers are.
 _KWOK_STAGES = """\
 apiVersion: kwok.x-k8s.io/v1alpha1
 kind: Stage
@@ -492,6 +496,10 @@ class LocalCluster:
                 # their RBAC roles (not system:masters) decide what they may do.
                 "--use-service-account-credentials",
                 "--service-cluster-ip-range", SERVICE_CIDR,
+                # kwok renews the nodes' leases from a cache that lags (see the module's
+                # docstring): its updates can conflict for minutes, and with the default 50 s
+                # the nodes were marked unreachable and every pod not Ready mid-test.
+                "--node-monitor-grace-period", "1h",
                 "--profiling=false",
             ],
         )  # fmt: skip
