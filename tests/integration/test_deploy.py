@@ -1,8 +1,9 @@
 """`daert deploy`, `status` and `uninstall` through pyhelm3 and the real helm binary that
 `make setup` builds: rendering with values files and --set, helm's own --set semantics,
 the errors a user meets (bad arguments, missing files, no helm, no cluster) as clean
-messages and exit codes, never a traceback. No Kubernetes API server runs here: the
-commands that need one are checked to fail with helm's "cluster unreachable" message."""
+messages and exit codes, never a traceback. These tests point helm at no cluster, and
+check that the commands needing one fail with helm's "cluster unreachable" message; the
+real install, upgrade, status and uninstall run on a local API server in tests/cluster."""
 
 from __future__ import annotations
 
